@@ -1,0 +1,49 @@
+"""Where a product comes from: dataURI -> download URL, and pointing astroquery at a server.
+
+MAST is the only source today; a cloud mirror (S3 ``stpubdata``) is the obvious next one, and it
+slots in here without touching the planner or the engine.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+#: The real archive. ``--mast-url`` replaces it everywhere (queries and downloads).
+DEFAULT_MAST_URL = "https://mast.stsci.edu"
+
+#: Path of MAST's single-file download endpoint, relative to the server.
+DOWNLOAD_PATH = "/api/v0.1/Download/file"
+
+
+def normalize_server(server: str) -> str:
+    """Return ``server`` without a trailing slash, so URLs join the way astroquery joins them."""
+    return server.rstrip("/")
+
+
+def download_url(server: str, data_uri: str) -> str:
+    """Resolve a MAST ``dataURI`` to its download URL exactly as astroquery 0.4.11 does.
+
+    astroquery builds ``MAST_DOWNLOAD_URL + "?uri=" + quote(uri, safe=":/")``; using the same
+    escaping means our manifest's URL column matches astroquery's byte for byte.
+    """
+    return f"{normalize_server(server)}{DOWNLOAD_PATH}?uri={quote(data_uri, safe=':/')}"
+
+
+def point_astroquery_at(server: str) -> None:
+    """Make the imported astroquery talk to ``server`` for queries and downloads.
+
+    astroquery 0.4.11 copies ``conf.server`` into class attributes of ``PortalAPI`` at import
+    time, so setting ``conf.server`` later does nothing. We overwrite those class attributes
+    (instances do not shadow them) and also set ``conf.server`` for code that reads it afresh.
+    """
+    from astroquery.mast import conf
+    from astroquery.mast.discovery_portal import PortalAPI
+
+    server = normalize_server(server)
+    conf.server = server
+    PortalAPI.MAST_REQUEST_URL = server + "/api/v0/invoke"
+    PortalAPI.COLUMNS_CONFIG_URL = server + "/portal/Mashup/Mashup.asmx/columnsconfig"
+    PortalAPI.MAST_DOWNLOAD_URL = server + DOWNLOAD_PATH
+    PortalAPI.MAST_BUNDLE_URL = server + "/api/v0.1/Download/bundle"
+    # Column configs are cached per process; a different server may describe columns differently.
+    PortalAPI._column_configs = {}
