@@ -10,10 +10,11 @@ names, so ours come first with the same meaning:
   ``Message`` says why (``HTTPError: 404 ...``, ``size mismatch ...``) and ``URL`` is the
   download URL, as astroquery sets both for errors.
 * ``SKIPPED`` - the product was planned but not downloaded *yet*: the run was interrupted, the
-  job is still running, or a fetch has not been started. ``Message`` says so (and gives the
-  last transient error, if any) and ``URL`` is set, so a user can tell these from errors and
-  knows that re-running the same command resumes them. astroquery uses ``SKIPPED`` for
-  "not fetched on purpose" (cloud-only), the closest of its three words.
+  job is still running, or a fetch has not been started. ``Message`` says so, with the last
+  transient error (or the reason ``verify`` gave the file back) in parentheses, and ``URL`` is
+  set, so a user can tell these from errors and knows that re-running the same command resumes
+  them. astroquery uses ``SKIPPED`` for "not fetched on purpose" (cloud-only), the closest of
+  its three words.
 
 Then our own columns: ``dataURI``, ``obs_collection``, ``obs_id``, ``productFilename``,
 ``sector``, ``kind``, ``size`` (bytes), ``sha256``, ``attempts``, ``http_status`` and
@@ -121,8 +122,8 @@ def manifest_status(record: ProductRecord) -> tuple[str, str | None, str | None]
         return ERROR_STATUS, _one_line(message), record.url
     # pending or active: planned, not downloaded (yet)
     message = NOT_YET_MESSAGE
-    if record.attempts and record.message:
-        message = f"{NOT_YET_MESSAGE} (last attempt: {_one_line(record.message)})"
+    if record.message:
+        message = f"{NOT_YET_MESSAGE} (last: {_one_line(record.message)})"
     return SKIPPED, message, record.url
 
 
@@ -209,7 +210,7 @@ def _ecsv_field(value: Any) -> str:
     text = str(value)
     if not text:
         return '""'
-    if text[0] == "#" or any(ch in _NEEDS_QUOTES for ch in text):
+    if text[0] == "#" or not _NEEDS_QUOTES.isdisjoint(text):
         return '"' + text.replace('"', '""') + '"'
     return text
 
