@@ -1,0 +1,1547 @@
+"""The PLAN stage: turn a selection into product rows in the job state.
+
+A selection (sectors, targets, product kinds, observation criteria, product filters) becomes
+rows of the job state through astroquery, unmodified:
+
+1. sectors: the ones given, or every sector that exists, discovered from the archive's FFI
+   observations (one per sector and camera/CCD), never assumed to be contiguous (1751 exists);
+2. per sector ``Observations.query_criteria(obs_collection='TESS', dataproduct_type='timeseries',
+   sequence_number=S, ...)``; a sector is small enough (~20,000 2-min targets) that no query
+   nears MAST's ~500,000 row limit, and a result that does is split by right ascension;
+3. ``get_product_list`` in batches of a few hundred obsids (astroquery 0.4.11 would otherwise put
+   every obsid of the table into one POST body), several batches in flight on worker threads,
+   each thread with its own ``ObservationsClass`` (an instance remembers the service of its last
+   request, so one instance cannot serve two threads), each call retried with backoff;
+4. ``filter_products`` by product kind and by the user's filters, dedupe by ``dataURI``;
+5. rows into the job state one sector at a time, so memory does not grow with the number of
+   sectors, and the sector marked planned ("unit") only after its rows are committed.
+
+Idempotence: a unit is ``sector:S|<kind>|<fingerprint of the rest of the selection>``. A unit
+planned before is not queried again, so the same command twice sends no query, an interrupted
+plan resumes with the sectors it did not finish, and a wider selection (more sectors, another
+kind) queries only what is new. Rows are keyed by ``dataURI`` in the store, so overlapping
+selections never duplicate a product.
+
+Tables (``--from-table``) and MAST's bulk curl scripts (``tesscurl_sector_N_lc.sh``) become the
+same kind of rows without any query.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+import re
+import shlex
+import shutil
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import numpy as np
+from astropy.table import Table, vstack
+
+from .errors import ArchiveError, UnsafePathError, UsageError
+from .layout import relative_path
+from .sources import DEFAULT_MAST_URL, download_url, normalize_server, point_astroquery_at
+from .store import DONE, JobStore, PlannedProduct
+
+if TYPE_CHECKING:  # astroquery is imported lazily: it is slow to import and the CLI may not need it
+    from astroquery.mast import ObservationsClass
+
+log = logging.getLogger("bulkfetch")
+
+T = TypeVar("T")
+
+#: Product kinds a user names (``--products``) -> MAST ``productSubGroupDescription`` values.
+PRODUCT_KINDS: dict[str, tuple[str, ...]] = {
+    "lc": ("LC",),
+    "tp": ("TP",),
+    "fast-lc": ("FAST-LC",),
+    "fast-tp": ("FAST-TP",),
+    "dv": ("DVT", "DVR", "DVS", "DVM"),
+    "dvt": ("DVT",),
+    "dvr": ("DVR",),
+    "dvs": ("DVS",),
+    "dvm": ("DVM",),
+}
+#: Subgroups that are Data Validation products (the only ones ``latest_dv_only`` touches).
+DV_SUBGROUPS = frozenset({"DVT", "DVR", "DVS", "DVM"})
+DEFAULT_KINDS = ("lc",)
+
+#: Product columns in the order astroquery's ``get_product_list`` returns them (export order).
+PRODUCT_COLUMNS: tuple[str, ...] = (
+    "obsID",
+    "obs_collection",
+    "dataproduct_type",
+    "obs_id",
+    "description",
+    "type",
+    "dataURI",
+    "productType",
+    "productGroupDescription",
+    "productSubGroupDescription",
+    "productDocumentationURL",
+    "project",
+    "prvversion",
+    "proposal_id",
+    "productFilename",
+    "size",
+    "parent_obsid",
+    "dataRights",
+    "calib_level",
+    "filters",
+)
+#: Columns of a product table that go into dedicated fields of a row, not into ``extra``.
+_CORE_COLUMNS = frozenset(
+    {"dataURI", "obs_collection", "obs_id", "productFilename", "size", "productSubGroupDescription"}
+)
+#: Columns :func:`export_plan` adds; a re-read export recomputes them, so they are not ``extra``.
+_EXPORT_ONLY_COLUMNS = ("url", "local_path", "sector", "status")
+
+#: Observation criteria the planner sets itself; the selection's fields say them instead.
+_RESERVED_CRITERIA = {
+    "obs_collection": "bulkfetch plans TESS only",
+    "dataproduct_type": "bulkfetch plans time series only",
+    "sequence_number": "use --sectors",
+    "target_name": "use --targets",
+}
+
+#: MAST truncates query results near 500,000 rows; a query returning this many is split.
+MAX_QUERY_ROWS = 400_000
+#: Targets per ``query_criteria`` call: keeps the request body and the server's IN list small.
+TARGETS_PER_QUERY = 500
+#: Largest batch of obsids one ``get_product_list`` call may carry.
+MAX_BATCH_SIZE = 1000
+#: Seconds a cached sector discovery stays valid (a new sector appears every ~27 days).
+DISCOVERY_MAX_AGE = 24 * 3600.0
+#: Per-request timeout of astroquery's HTTP calls, which have none by default (a hung server
+#: would hang the plan forever).
+QUERY_TIMEOUT = 600.0
+#: Largest backoff between two attempts of one query, seconds.
+MAX_BACKOFF = 60.0
+#: How many refusal messages a summary keeps (all are counted and logged).
+MAX_EXAMPLES = 20
+
+_SECTOR_RE = re.compile(r"-s(\d{4})-")
+_TIC_RE = re.compile(r"^(?:TIC)?\s*-?\s*0*(\d+)$", re.IGNORECASE)
+
+_META_DISCOVERY = "plan.discovered_sectors"
+_META_UNIT = "plan.unit."
+
+
+# ------------------------------------------------------------------------------------------------
+# the selection
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """What to plan. ``sectors=None`` means every sector the archive has.
+
+    ``criteria`` go to ``query_criteria`` (observation columns), ``filters`` to
+    ``filter_products`` (product columns, astroquery's value syntax), both as given.
+    """
+
+    sectors: list[int] | None = None
+    targets: list[str] | None = None
+    kinds: list[str] = field(default_factory=lambda: list(DEFAULT_KINDS))
+    criteria: dict[str, Any] = field(default_factory=dict)
+    filters: dict[str, Any] = field(default_factory=dict)
+    latest_dv_only: bool = False
+    flat: bool = False
+
+    def subgroups(self, kinds: Iterable[str] | None = None) -> list[str]:
+        """The ``productSubGroupDescription`` values of ``kinds`` (default: all selected)."""
+        out: list[str] = []
+        for kind in self.kinds if kinds is None else kinds:
+            for sub in PRODUCT_KINDS[kind]:
+                if sub not in out:
+                    out.append(sub)
+        return out
+
+    def fingerprint(self, server: str) -> str:
+        """A short digest of everything but sectors and kinds: those are the units themselves.
+
+        Two selections with the same fingerprint ask the same question of each sector, so a
+        unit planned under one is planned for the other.
+        """
+        doc = {
+            "server": normalize_server(server),
+            "targets": sorted(self.targets) if self.targets is not None else None,
+            "criteria": {k: _jsonable(v) for k, v in sorted(self.criteria.items())},
+            "filters": {k: _jsonable(v) for k, v in sorted(self.filters.items())},
+            "latest_dv_only": bool(self.latest_dv_only),
+            "flat": bool(self.flat),
+        }
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        """Refuse what cannot be planned, before any query is sent."""
+        if not self.kinds:
+            raise UsageError("no product kinds selected; valid kinds: " + ", ".join(PRODUCT_KINDS))
+        parse_kinds(",".join(self.kinds))
+        if self.sectors is not None:
+            bad = [s for s in self.sectors if not isinstance(s, int) or s < 1]
+            if bad:
+                raise UsageError(f"invalid sector number(s): {bad}")
+        if self.targets is not None and not self.targets:
+            raise UsageError("the target list is empty")
+        for name in self.criteria:
+            reason = _RESERVED_CRITERIA.get(name.lower())
+            if reason:
+                raise UsageError(f"criterion {name!r} is set by bulkfetch: {reason}")
+
+
+def unit_name(sector: int, kind: str, fingerprint: str) -> str:
+    """The planning unit of one sector and one product kind under one selection fingerprint."""
+    return f"sector:{sector}|{kind}|{fingerprint}"
+
+
+def _jsonable(value: Any) -> Any:
+    """A stable JSON form of a criterion value (tuples, numpy scalars) for fingerprints."""
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# parsing user input (the CLI calls these)
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_sectors(spec: str) -> list[int]:
+    """``"1-5,7,1751"`` -> ``[1, 2, 3, 4, 5, 7, 1751]`` (sorted, unique)."""
+    out: set[int] = set()
+    for part in (p.strip() for p in str(spec).split(",")):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo_text, hi_text = part.split("-", 1)
+                lo, hi = int(lo_text), int(hi_text)
+                if lo > hi:
+                    raise UsageError(f"sector range {part!r} runs backwards")
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise UsageError(
+                f"invalid sector spec {part!r}: use numbers and ranges like 1-5,7,1751"
+            ) from None
+    if not out:
+        raise UsageError(f"no sectors in {spec!r}: use numbers and ranges like 1-5,7,1751")
+    if min(out) < 1:
+        raise UsageError(f"sector numbers start at 1, got {min(out)}")
+    return sorted(out)
+
+
+def parse_kinds(spec: str) -> list[str]:
+    """``"lc,tp"`` -> ``["lc", "tp"]``; an unknown kind is a usage error listing the valid ones."""
+    kinds: list[str] = []
+    for part in (p.strip().lower() for p in str(spec).split(",")):
+        if not part:
+            continue
+        if part not in PRODUCT_KINDS:
+            raise UsageError(
+                f"unknown product kind {part!r}; valid kinds: {', '.join(PRODUCT_KINDS)}"
+            )
+        if part not in kinds:
+            kinds.append(part)
+    if not kinds:
+        raise UsageError(f"no product kinds in {spec!r}; valid kinds: {', '.join(PRODUCT_KINDS)}")
+    return kinds
+
+
+def parse_targets(spec: str | Iterable[str]) -> list[str]:
+    """TIC IDs as MAST's ``target_name`` spells them: ``"TIC 0025155310"`` -> ``"25155310"``.
+
+    Accepts a comma/whitespace separated string or an iterable of strings.
+    """
+    items = re.split(r"[,\s]+", spec) if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    seen: set[str] = set()
+    pending_prefix = False
+    for raw in items:
+        text = str(raw).strip()
+        if not text:
+            continue
+        if text.upper() == "TIC":  # "TIC 123" split on whitespace
+            pending_prefix = True
+            continue
+        match = _TIC_RE.match(text)
+        if not match:
+            raise UsageError(f"invalid TIC ID {text!r}: expected digits like 25155310")
+        pending_prefix = False
+        tic = match.group(1)
+        if tic not in seen:
+            seen.add(tic)
+            out.append(tic)
+    if pending_prefix:
+        raise UsageError("a 'TIC' without a number in the target list")
+    if not out:
+        raise UsageError("the target list is empty")
+    return out
+
+
+def read_targets_file(path: str | Path) -> list[str]:
+    """TIC IDs from a text file: one or more per line, ``#`` starts a comment."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read targets file {path}: {exc.strerror or exc}") from exc
+    body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    try:
+        return parse_targets(body)
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def parse_key_values(items: Iterable[str], *, what: str = "criterion") -> dict[str, Any]:
+    """``["t_exptime=100..130", "proposal_id=G1,G2"]`` -> dict for astroquery.
+
+    ``a,b`` becomes a list (OR); for criteria ``lo..hi`` with numbers becomes ``[lo, hi]``
+    (astroquery's form for a numeric range). Filters keep astroquery's string syntax (``!x``,
+    ``>=n``, ``a..b``), which ``filter_products`` interprets itself.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"invalid {what} {item!r}: expected KEY=VALUE")
+        value = value.strip()
+        parsed: Any
+        if what == "criterion" and ".." in value and "," not in value:
+            lo, _, hi = value.partition("..")
+            try:
+                parsed = [float(lo), float(hi)]
+            except ValueError:
+                raise UsageError(f"invalid range in {what} {item!r}: expected lo..hi") from None
+        elif "," in value:
+            parsed = [v.strip() for v in value.split(",") if v.strip()]
+        else:
+            parsed = value
+        if key in out:
+            raise UsageError(f"{what} {key!r} given twice; give several values as {key}=a,b")
+        out[key] = parsed
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# talking to astroquery
+# ------------------------------------------------------------------------------------------------
+
+
+def _new_observations(timeout: float) -> ObservationsClass:
+    """A fresh ``ObservationsClass`` whose HTTP requests time out instead of hanging forever.
+
+    astroquery passes ``timeout=None`` to requests; a transport adapter supplies a default, which
+    changes nothing else about how astroquery talks to MAST.
+    """
+    from astroquery.mast import ObservationsClass
+    from requests.adapters import HTTPAdapter
+
+    class _TimeoutAdapter(HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            if kwargs.get("timeout") is None:
+                kwargs["timeout"] = timeout
+            return super().send(request, **kwargs)
+
+    obs = ObservationsClass()
+    adapter = _TimeoutAdapter()
+    obs._session.mount("http://", adapter)
+    obs._session.mount("https://", adapter)
+    return obs
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Whether another attempt may succeed: 5xx/408/429, connection trouble, MAST ERROR status."""
+    import requests
+    from astroquery.exceptions import RemoteServiceError
+
+    if isinstance(exc, requests.HTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+        return status is None or status >= 500 or status in (408, 429)
+    return isinstance(exc, (requests.RequestException, RemoteServiceError, TimeoutError))
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """The Retry-After of a 429/503 answer, in seconds, if the server sent a number."""
+    response = getattr(exc, "response", None)
+    value = response.headers.get("Retry-After") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _with_retries(fn: Callable[[], T], what: str, *, retries: int, backoff: float) -> T:
+    """Run ``fn``; retry transient failures with jittered exponential backoff.
+
+    A permanent failure (astroquery's ``InvalidQueryError``: the question itself is wrong) is a
+    :class:`UsageError`; transient ones that outlive ``retries`` become an :class:`ArchiveError`
+    naming ``what`` failed, so the user learns which sector to look at.
+    """
+    from astroquery.exceptions import InvalidQueryError
+
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except InvalidQueryError as exc:
+            raise UsageError(f"{what}: {exc}") from exc
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            if attempt >= retries:
+                raise ArchiveError(
+                    f"{what} failed after {attempt + 1} attempts: {_one_line(exc)}; "
+                    "rerun the same command to continue"
+                ) from exc
+            delay = min(MAX_BACKOFF, backoff * 2**attempt) * random.uniform(0.5, 1.5)
+            hint = _retry_after(exc)
+            if hint is not None:
+                delay = max(delay, min(hint, MAX_BACKOFF))
+            attempt += 1
+            log.warning(
+                "%s: %s; retry %d/%d in %.1fs", what, _one_line(exc), attempt, retries, delay
+            )
+            time.sleep(delay)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class _Astroquery:
+    """Per-thread ``ObservationsClass`` instances plus the retry policy, for one plan run."""
+
+    def __init__(self, *, retries: int, backoff: float, timeout: float) -> None:
+        self.retries = retries
+        self.backoff = backoff
+        self.timeout = timeout
+        self._local = threading.local()
+
+    @property
+    def obs(self) -> ObservationsClass:
+        obs = getattr(self._local, "obs", None)
+        if obs is None:
+            obs = self._local.obs = _new_observations(self.timeout)
+        return obs
+
+    def call(self, what: str, fn: Callable[[ObservationsClass], T]) -> T:
+        return _with_retries(lambda: fn(self.obs), what, retries=self.retries, backoff=self.backoff)
+
+    def query_criteria(self, what: str, criteria: dict[str, Any]) -> Table:
+        return self.call(what, lambda obs: obs.query_criteria(**criteria))
+
+    def product_list(self, what: str, obsids: list[str]) -> Table:
+        return self.call(what, lambda obs: obs.get_product_list(obsids))
+
+
+def column_names(
+    server: str = DEFAULT_MAST_URL, *, retries: int = 4
+) -> tuple[list[str], list[str]]:
+    """(observation columns, product columns) the archive knows, for ``bulkfetch columns``.
+
+    These are the names ``--criteria`` and ``--filter`` accept (astroquery's
+    ``get_metadata('observations')`` and ``get_metadata('products')``).
+    """
+    point_astroquery_at(server)
+    return _column_metadata(_Astroquery(retries=retries, backoff=1.0, timeout=QUERY_TIMEOUT))[:2]
+
+
+def _column_metadata(aq: _Astroquery) -> tuple[list[str], list[str], set[str]]:
+    """Observation and product column names, and which observation columns are numeric."""
+    obs_meta = aq.call("column metadata", lambda o: o.get_metadata("observations"))
+    prod_meta = aq.call("column metadata", lambda o: o.get_metadata("products"))
+    obs_names = [str(n) for n in obs_meta["Column Name"]]
+    prod_names = [str(n) for n in prod_meta["Column Name"]]
+    numeric: set[str] = set()
+    if "Data Type" in obs_meta.colnames:
+        numeric = {
+            str(n)
+            for n, t in zip(obs_meta["Column Name"], obs_meta["Data Type"], strict=True)
+            if str(t) == "float"
+        }
+    return obs_names, prod_names, numeric
+
+
+def _check_names(given: Iterable[str], valid: Sequence[str], what: str, option: str) -> None:
+    """Refuse an unknown column with the closest valid names, as a one-line usage error."""
+    lower = {v.lower(): v for v in valid}
+    for name in given:
+        if name in valid or (what == "criterion" and name.lower() in lower):
+            continue
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UsageError(
+            f"unknown {what} column {name!r} for {option}{hint} "
+            "('bulkfetch columns' lists the valid names)"
+        )
+
+
+def validate_columns(selection: Selection, aq: _Astroquery) -> None:
+    """Check criteria and filter names (and numeric criteria shapes) against the archive."""
+    if not selection.criteria and not selection.filters:
+        return
+    obs_names, prod_names, numeric = _column_metadata(aq)
+    _check_names(selection.criteria, obs_names, "criterion", "--criteria")
+    _check_names(selection.filters, prod_names, "filter", "--filter")
+    numeric_lower = {n.lower() for n in numeric}
+    for name, value in selection.criteria.items():
+        if name.lower() in numeric_lower and not (
+            isinstance(value, (list, tuple)) and len(value) == 2
+        ):
+            raise UsageError(
+                f"criterion {name!r} is numeric: give a range as {name}=MIN..MAX (got {value!r})"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# sector discovery
+# ------------------------------------------------------------------------------------------------
+
+
+def discover_sectors(
+    server: str = DEFAULT_MAST_URL, *, retries: int = 4, backoff: float = 1.0
+) -> list[int]:
+    """Every TESS sector the archive holds, ascending, from its FFI observations.
+
+    Each sector has full-frame-image observations (``target_name='TESS FFI'``) whose
+    ``sequence_number`` is the sector, so one small query finds them all, including sectors
+    with unusual numbers; nothing is assumed about contiguity.
+    """
+    point_astroquery_at(server)
+    aq = _Astroquery(retries=retries, backoff=backoff, timeout=QUERY_TIMEOUT)
+    return _discover(aq)
+
+
+def _discover(aq: _Astroquery) -> list[int]:
+    table = aq.query_criteria(
+        "sector discovery", {"obs_collection": "TESS", "target_name": "TESS FFI"}
+    )
+    if len(table) == 0 or "sequence_number" not in table.colnames:
+        raise ArchiveError("sector discovery: the archive lists no TESS FFI observations")
+    column = table["sequence_number"]
+    values = column.compressed() if hasattr(column, "compressed") else np.asarray(column)
+    sectors = sorted({int(v) for v in values if int(v) > 0})
+    log.info("discovered %d sectors (%d..%d)", len(sectors), sectors[0], sectors[-1])
+    return sectors
+
+
+def _cached_sectors(store: JobStore | None, server: str, max_age: float) -> list[int] | None:
+    """The sector list an earlier plan discovered, if it is from ``server`` and fresh enough."""
+    if store is None or max_age <= 0:
+        return None
+    raw = store.get_meta(_META_DISCOVERY)
+    if not raw:
+        return None
+    try:
+        doc = json.loads(raw)
+        if doc["server"] != server or time.time() - float(doc["at"]) > max_age:
+            return None
+        return [int(s) for s in doc["sectors"]]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# product tables -> rows
+# ------------------------------------------------------------------------------------------------
+
+
+def _values(column: Any) -> list[Any]:
+    """A column as Python values, masked -> None, NaN -> None (JSON-able, no numpy types)."""
+    values = column.tolist()
+    if column.dtype.kind == "f":
+        values = [None if v is not None and math.isnan(v) else v for v in values]
+    elif column.dtype.kind == "S":
+        values = [v.decode() if isinstance(v, bytes) else v for v in values]
+    return values
+
+
+def sector_from_name(name: str) -> int | None:
+    """The sector in a TESS file name or obs_id (``...-s0001-...``), if it has one."""
+    match = _SECTOR_RE.search(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class _Refusals:
+    """Rows refused for an unsafe path or a clash, counted, with a few examples kept."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        log.warning("%s", message)
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(message)
+
+
+def rows_from_table(
+    products: Table,
+    *,
+    server: str,
+    flat: bool,
+    refusals: _Refusals,
+    sector: int | None = None,
+) -> list[PlannedProduct]:
+    """Product rows of ``products`` (deduped by dataURI, first wins; unsafe paths refused).
+
+    ``sector`` is the sector the rows were planned for; without it a ``sequence_number``
+    column or the ``-sNNNN-`` part of the file name is used.
+    """
+    missing = [c for c in ("dataURI", "productFilename") if c not in products.colnames]
+    if not flat:
+        missing += [c for c in ("obs_collection", "obs_id") if c not in products.colnames]
+    if missing:
+        raise UsageError(
+            "the product table lacks the column(s) "
+            + ", ".join(missing)
+            + " (a table from astroquery's get_product_list has them)"
+        )
+    n = len(products)
+    if n == 0:
+        return []
+    data = {c: _values(products[c]) for c in products.colnames}
+    uris = data["dataURI"]
+    names = data["productFilename"]
+    collections = data.get("obs_collection") or [""] * n
+    obs_ids = data.get("obs_id") or [""] * n
+    sizes = data.get("size") or [None] * n
+    kinds = data.get("productSubGroupDescription") or [""] * n
+    sequence = data.get("sequence_number")
+    extra_cols = [
+        c for c in products.colnames if c not in _CORE_COLUMNS and c not in _EXPORT_ONLY_COLUMNS
+    ]
+    base = normalize_server(server)
+    seen: set[str] = set()
+    paths: dict[str, str] = {}
+    rows: list[PlannedProduct] = []
+    for i in range(n):
+        uri = uris[i]
+        if not uri:
+            refusals.add(f"row {i}: empty dataURI, skipped")
+            continue
+        uri = str(uri)
+        if uri in seen:
+            continue
+        seen.add(uri)
+        name = "" if names[i] is None else str(names[i])
+        collection = "" if collections[i] is None else str(collections[i])
+        obs_id = "" if obs_ids[i] is None else str(obs_ids[i])
+        try:
+            path = relative_path(collection, obs_id, name, flat)
+        except UnsafePathError as exc:
+            refusals.add(f"{uri}: {exc}")
+            continue
+        other = paths.get(path)
+        if other is not None:
+            refusals.add(f"{uri}: would be saved as {path} like {other}; refused")
+            continue
+        paths[path] = uri
+        row_sector = sector
+        if row_sector is None and sequence is not None and sequence[i] is not None:
+            row_sector = int(sequence[i])
+        if row_sector is None:
+            row_sector = sector_from_name(name) or sector_from_name(obs_id)
+        size = sizes[i]
+        rows.append(
+            PlannedProduct(
+                uri=uri,
+                url=download_url(base, uri),
+                local_path=path,
+                size=None if size is None or size < 0 else int(size),
+                obs_collection=collection,
+                obs_id=obs_id,
+                product_filename=name,
+                sector=row_sector,
+                kind="" if kinds[i] is None else str(kinds[i]),
+                extra={c: data[c][i] for c in extra_cols},
+            )
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-sector DV runs
+# ------------------------------------------------------------------------------------------------
+
+_DV_RANGE_RE = re.compile(r"-s(\d{4})-s(\d{4})-(\d{16})-")
+
+
+def dv_run(name: str) -> tuple[str, int, int] | None:
+    """(TIC, first sector, last sector) of a DV product's file name or obs_id, else None.
+
+    DV file names carry the sector range of the run: ``tess2018206190142-s0001-s0013-
+    0000000025155310-00353_dvr.pdf`` is a run over sectors 1..13 for TIC 25155310.
+    """
+    match = _DV_RANGE_RE.search(name)
+    if not match:
+        return None
+    return match.group(3).lstrip("0") or "0", int(match.group(1)), int(match.group(2))
+
+
+def latest_dv_filter(products: Table) -> Table:
+    """Drop DV products of obsolete runs: per target keep the newest, widest sector range.
+
+    "Newest" is the highest last sector; among runs ending there the widest (lowest first
+    sector) wins. Non-DV rows and DV rows whose name carries no range are kept.
+    """
+    if len(products) == 0 or "productSubGroupDescription" not in products.colnames:
+        return products
+    subs = _values(products["productSubGroupDescription"])
+    names = _values(products["productFilename"])
+    runs: list[tuple[str, int, int] | None] = []
+    best: dict[str, tuple[int, int]] = {}
+    for sub, name in zip(subs, names, strict=True):
+        run = dv_run(str(name)) if sub in DV_SUBGROUPS and name else None
+        runs.append(run)
+        if run is not None:
+            tic, first, last = run
+            key = (last, -first)
+            if tic not in best or key > best[tic]:
+                best[tic] = key
+    keep = np.ones(len(products), dtype=bool)
+    for i, run in enumerate(runs):
+        if run is not None and (run[2], -run[1]) != best[run[0]]:
+            keep[i] = False
+    dropped = int((~keep).sum())
+    if dropped:
+        log.info("latest DV only: dropped %d products of older DV runs", dropped)
+    return products[keep]
+
+
+# ------------------------------------------------------------------------------------------------
+# the summary
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_bytes(root: str | Path) -> int | None:
+    """Free space of the file system that holds (or will hold) ``root``."""
+    path = Path(root).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+@dataclass
+class PlanSummary:
+    """What a plan (or a dry run) found: the selection's files and bytes, and whether they fit.
+
+    ``files``/``total_bytes``/``per_sector`` describe the selection, including units planned by
+    an earlier run; ``new_files`` is what this run added to the job (None in a dry run).
+    ``needed_bytes`` is what is still to download (in a dry run an upper bound: products the job
+    already holds may be counted again) and ``free_bytes`` the free space under DIR.
+    """
+
+    root: str
+    dry_run: bool = False
+    files: int = 0
+    total_bytes: int = 0
+    unknown_sizes: int = 0
+    new_files: int | None = 0
+    per_sector: dict[int | None, tuple[int, int]] = field(default_factory=dict)
+    queried_sectors: list[int] = field(default_factory=list)
+    skipped_sectors: list[int] = field(default_factory=list)
+    refused: int = 0
+    refused_examples: list[str] = field(default_factory=list)
+    job_files: int = 0
+    job_bytes: int = 0
+    needed_bytes: int = 0
+    free_bytes: int | None = None
+    elapsed: float = 0.0
+
+    @property
+    def empty(self) -> bool:
+        """Nothing matched the selection."""
+        return self.files == 0
+
+    @property
+    def fits(self) -> bool:
+        """Whether the bytes still to download fit in the free space (unknown: assume yes)."""
+        return self.free_bytes is None or self.needed_bytes <= self.free_bytes
+
+    def add(self, sector: int | None, files: int, nbytes: int) -> None:
+        f, b = self.per_sector.get(sector, (0, 0))
+        self.per_sector[sector] = (f + files, b + nbytes)
+        self.files += files
+        self.total_bytes += nbytes
+
+    def format(self) -> str:
+        """A human-readable report: totals, a per-sector table, refusals, disk space."""
+        head = "Dry run for" if self.dry_run else "Plan for"
+        lines: list[str] = []
+        if self.empty:
+            lines.append(
+                f"{head} {self.root}: nothing matches this selection; no products planned."
+            )
+        else:
+            lines.append(
+                f"{head} {self.root}: {self.files:,} files, {_human(self.total_bytes)} "
+                f"in {len(self.per_sector)} sector(s)"
+            )
+            lines.append(f"  {'sector':>8} {'files':>10} {'bytes':>12}")
+            for sector in sorted(self.per_sector, key=lambda s: (s is None, s or 0)):
+                files, nbytes = self.per_sector[sector]
+                label = "-" if sector is None else str(sector)
+                lines.append(f"  {label:>8} {files:>10,} {_human(nbytes):>12}")
+        if self.queried_sectors or self.skipped_sectors:
+            lines.append(
+                f"  queried {len(self.queried_sectors)} sector(s); "
+                f"{len(self.skipped_sectors)} already planned (not queried again)"
+            )
+        if self.unknown_sizes:
+            lines.append(f"  {self.unknown_sizes:,} file(s) of unknown size (not in the bytes)")
+        if self.new_files is not None:
+            lines.append(f"  new in the job: {self.new_files:,} file(s)")
+        if self.refused:
+            lines.append(f"  refused: {self.refused:,} row(s), e.g.")
+            lines.extend(f"    {m}" for m in self.refused_examples[:5])
+        if not self.dry_run:
+            lines.append(f"  job: {self.job_files:,} files, {_human(self.job_bytes)}")
+        lines.append(
+            f"  still to download: {_human(self.needed_bytes)}; "
+            f"free under {self.root}: {_human(self.free_bytes)}"
+        )
+        if not self.fits:
+            lines.append(
+                f"WARNING: the job needs {_human(self.needed_bytes)} but only "
+                f"{_human(self.free_bytes)} is free under {self.root}; it will not fit"
+            )
+        return "\n".join(lines)
+
+
+def _finish_summary(summary: PlanSummary, store: JobStore | None, extra_needed: int) -> None:
+    """Fill in job totals, bytes still to download and free space."""
+    if store is not None:
+        counts = store.counts()
+        summary.job_files = sum(n for n, _ in counts.values())
+        summary.job_bytes = sum(b for _, b in counts.values())
+        summary.needed_bytes = summary.job_bytes - counts.get(DONE, (0, 0))[1] + extra_needed
+    else:
+        summary.needed_bytes = extra_needed
+    summary.free_bytes = _free_bytes(summary.root)
+
+
+# ------------------------------------------------------------------------------------------------
+# planning by query
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SectorJob:
+    """One sector in flight: its observation queries, then its product-list batches."""
+
+    sector: int
+    kinds: list[str]
+    obs_futures: list[Future[list[str]]] = field(default_factory=list)
+    batch_futures: list[Future[Table]] = field(default_factory=list)
+    obsids: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+
+
+def _obs_criteria(selection: Selection, sector: int) -> list[dict[str, Any]]:
+    """The ``query_criteria`` arguments for one sector (one dict per chunk of targets)."""
+    base: dict[str, Any] = {
+        "obs_collection": "TESS",
+        "dataproduct_type": "timeseries",
+        "sequence_number": sector,
+    }
+    base.update(selection.criteria)
+    if selection.targets is None:
+        return [base]
+    targets = selection.targets
+    return [
+        {**base, "target_name": targets[i : i + TARGETS_PER_QUERY]}
+        for i in range(0, len(targets), TARGETS_PER_QUERY)
+    ]
+
+
+def _query_obsids(
+    aq: _Astroquery, sector: int, criteria: dict[str, Any], max_rows: int
+) -> list[str]:
+    """obsids of one sector query; a result near MAST's row limit is re-asked by RA halves."""
+
+    def ask(ra: tuple[float, float] | None) -> list[str]:
+        crit = dict(criteria)
+        if ra is not None:
+            crit["s_ra"] = [ra[0], ra[1]]
+        what = f"sector {sector}: query_criteria" + (f" s_ra={ra[0]:g}..{ra[1]:g}" if ra else "")
+        table = aq.query_criteria(what, crit)
+        if len(table) >= max_rows:
+            lo, hi = ra if ra is not None else (0.0, 360.0)
+            if hi - lo > 1e-3:
+                mid = (lo + hi) / 2
+                log.info("%s: %d rows is near the archive's limit; splitting", what, len(table))
+                del table
+                return ask((lo, mid)) + ask((mid, hi))
+            raise ArchiveError(f"{what}: {len(table)} rows even in a tiny RA slice")
+        if len(table) == 0:
+            return []
+        return [str(v) for v in _values(table["obsid"]) if v not in (None, "")]
+
+    return ask(None)
+
+
+def _product_batch(
+    aq: _Astroquery, what: str, obsids: list[str], subgroups: list[str], filters: dict[str, Any]
+) -> Table:
+    """``get_product_list`` for one batch, filtered in the worker so only wanted rows travel."""
+    products = aq.product_list(what, obsids)
+    if len(products) == 0:
+        return products
+    obs = aq.obs
+    try:
+        products = obs.filter_products(products, productSubGroupDescription=subgroups)
+        if filters:
+            products = obs.filter_products(products, **filters)
+    except Exception as exc:
+        from astroquery.exceptions import InvalidQueryError
+
+        if isinstance(exc, InvalidQueryError):
+            raise UsageError(f"{what}: {exc}") from exc
+        raise
+    return products
+
+
+def plan(
+    store: JobStore | None,
+    root: str | Path,
+    selection: Selection,
+    *,
+    server: str = DEFAULT_MAST_URL,
+    workers: int = 4,
+    batch_size: int = 300,
+    retries: int = 4,
+    backoff: float = 1.0,
+    progress: bool = False,
+    dry_run: bool = False,
+    max_rows: int = MAX_QUERY_ROWS,
+    discovery_max_age: float = DISCOVERY_MAX_AGE,
+    query_timeout: float = QUERY_TIMEOUT,
+) -> PlanSummary:
+    """Plan ``selection`` into ``store``; return what the selection holds.
+
+    Sectors already planned under the same selection are not queried again. A query that still
+    fails after ``retries`` raises :class:`ArchiveError` naming the sector; every sector finished
+    before stays planned, so rerunning continues. ``dry_run`` (or ``store=None``) queries and
+    counts but writes nothing. ``workers`` threads run queries concurrently; ``batch_size``
+    obsids go into one ``get_product_list`` call.
+    """
+    started = time.monotonic()
+    selection.validate()
+    if workers < 1:
+        raise UsageError("workers must be at least 1")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise UsageError(f"batch size must be between 1 and {MAX_BATCH_SIZE}")
+    dry_run = dry_run or store is None
+    server = normalize_server(server)
+    fp = selection.fingerprint(server)
+    summary = PlanSummary(root=str(root), dry_run=dry_run, new_files=None if dry_run else 0)
+    aq = _Astroquery(retries=retries, backoff=backoff, timeout=query_timeout)
+    pointed = False
+
+    def point() -> None:
+        nonlocal pointed
+        if not pointed:
+            point_astroquery_at(server)
+            pointed = True
+
+    with warnings.catch_warnings():
+        # astroquery warns on empty results; an empty sector is normal, the summary says so.
+        from astroquery.exceptions import NoResultsWarning
+
+        warnings.simplefilter("ignore", NoResultsWarning)
+
+        sectors = selection.sectors
+        if sectors is None:
+            sectors = _cached_sectors(store, server, discovery_max_age)
+            if sectors is None:
+                point()
+                sectors = _discover(aq)
+                if store is not None and not dry_run:
+                    doc = {"server": server, "at": time.time(), "sectors": sectors}
+                    store.set_meta(_META_DISCOVERY, json.dumps(doc))
+            else:
+                log.info("using the %d sectors discovered earlier", len(sectors))
+
+        todo: list[tuple[int, list[str]]] = []
+        for sector in sectors:
+            need = []
+            for kind in selection.kinds:
+                unit = unit_name(sector, kind, fp)
+                if store is not None and store.is_unit_planned(unit):
+                    files, nbytes = _unit_totals(store, unit)
+                    summary.add(sector, files, nbytes)
+                else:
+                    need.append(kind)
+            if need:
+                todo.append((sector, need))
+            else:
+                summary.skipped_sectors.append(sector)
+
+        extra_needed = 0
+        if todo:
+            point()
+            validate_columns(selection, aq)
+            extra_needed = _run_sectors(
+                store, selection, todo, fp, aq, summary,
+                server=server, workers=workers, batch_size=batch_size,
+                progress=progress, dry_run=dry_run, max_rows=max_rows,
+            )  # fmt: skip
+        else:
+            log.info("every selected sector is planned already; nothing to query")
+
+    _finish_summary(summary, store, extra_needed)
+    summary.elapsed = time.monotonic() - started
+    return summary
+
+
+def _unit_totals(store: JobStore, unit: str) -> tuple[int, int]:
+    """(files, bytes) a planned unit produced, as recorded when it was planned."""
+    raw = store.get_meta(_META_UNIT + unit)
+    if raw:
+        try:
+            doc = json.loads(raw)
+            return int(doc["files"]), int(doc["bytes"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return 0, 0
+
+
+def _run_sectors(
+    store: JobStore | None,
+    selection: Selection,
+    todo: list[tuple[int, list[str]]],
+    fp: str,
+    aq: _Astroquery,
+    summary: PlanSummary,
+    *,
+    server: str,
+    workers: int,
+    batch_size: int,
+    progress: bool,
+    dry_run: bool,
+    max_rows: int,
+) -> int:
+    """Query the sectors of ``todo`` with a thread pool and commit each as it completes.
+
+    At most ``workers + 1`` sectors are in flight, which bounds memory whatever the number of
+    sectors; within that window the observation query of one sector overlaps the product-list
+    batches of others, so the pool stays busy even when every sector is small. Returns the bytes
+    of the products planned (for the dry run's space estimate).
+    """
+    from tqdm import tqdm
+
+    window = workers + 1
+    queue = list(todo)
+    queue.reverse()
+    inflight: dict[Future[Any], _SectorJob] = {}
+    refusals = _Refusals()
+    planned_bytes = 0
+    bar = tqdm(total=len(todo), unit="sector", desc="plan", disable=not progress, leave=True)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bulkfetch-plan")
+
+    def start_next() -> None:
+        sector, kinds = queue.pop()
+        job = _SectorJob(sector=sector, kinds=kinds)
+        for crit in _obs_criteria(selection, sector):
+            fut = pool.submit(_query_obsids, aq, sector, crit, max_rows)
+            job.obs_futures.append(fut)
+            inflight[fut] = job
+
+    def obs_done(job: _SectorJob) -> None:
+        """All observation queries of ``job`` answered: start its product batches."""
+        seen: set[str] = set()
+        for fut in job.obs_futures:
+            for obsid in fut.result():
+                if obsid not in seen:
+                    seen.add(obsid)
+                    job.obsids.append(obsid)
+        job.obs_futures.clear()
+        subgroups = selection.subgroups(job.kinds)
+        nb = math.ceil(len(job.obsids) / batch_size)
+        for b in range(nb):
+            chunk = job.obsids[b * batch_size : (b + 1) * batch_size]
+            what = f"sector {job.sector}: get_product_list batch {b + 1}/{nb}"
+            fut = pool.submit(_product_batch, aq, what, chunk, subgroups, selection.filters)
+            job.batch_futures.append(fut)
+            inflight[fut] = job
+        job.obsids = []
+        if nb == 0:
+            finish(job)
+
+    def finish(job: _SectorJob) -> None:
+        """Every batch of ``job`` answered: dedupe, write its rows, mark its units."""
+        nonlocal planned_bytes
+        tables = [f.result() for f in job.batch_futures]
+        job.batch_futures.clear()
+        tables = [t for t in tables if len(t)]
+        products = vstack(tables, metadata_conflicts="silent") if len(tables) > 1 else None
+        if products is None:
+            products = tables[0] if tables else Table()
+        del tables
+        if selection.latest_dv_only and len(products):
+            products = latest_dv_filter(products)
+        rows = (
+            rows_from_table(
+                products,
+                server=server,
+                flat=selection.flat,
+                refusals=refusals,
+                sector=job.sector,
+            )  # fmt: skip
+            if len(products)
+            else []
+        )
+        del products
+        per_kind: dict[str, tuple[int, int]] = {k: (0, 0) for k in job.kinds}
+        kind_of = {sub: k for k in job.kinds for sub in PRODUCT_KINDS[k]}
+        for row in rows:
+            kind = kind_of.get(row.kind)
+            if kind is not None:
+                f, b = per_kind[kind]
+                per_kind[kind] = (f + 1, b + (row.size or 0))
+            if row.size is None:
+                summary.unknown_sizes += 1
+        nbytes = sum(b for _, b in per_kind.values())
+        planned_bytes += nbytes
+        summary.add(job.sector, len(rows), nbytes)
+        summary.queried_sectors.append(job.sector)
+        if not dry_run and store is not None:
+            added = store.add_products(rows)
+            assert summary.new_files is not None
+            summary.new_files += added
+            for kind, (f, b) in per_kind.items():
+                unit = unit_name(job.sector, kind, fp)
+                store.set_meta(_META_UNIT + unit, json.dumps({"files": f, "bytes": b}))
+                store.mark_unit_planned(unit, f)
+            log.info("sector %d: %d products planned (%d new)", job.sector, len(rows), added)
+        bar.update(1)
+        bar.set_postfix(files=f"{summary.files:,}")
+
+    try:
+        while queue or inflight:
+            active_jobs = {id(j) for j in inflight.values()}
+            while queue and len(active_jobs) < window:
+                start_next()
+                active_jobs = {id(j) for j in inflight.values()}
+            done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            for fut in done:
+                job = inflight.pop(fut)
+                fut.result()  # raise the worker's error here, naming the sector
+                if job.obs_futures and all(f.done() for f in job.obs_futures):
+                    if not any(f in inflight for f in job.obs_futures):
+                        obs_done(job)
+                elif job.batch_futures and not any(f in inflight for f in job.batch_futures):
+                    finish(job)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+        summary.refused += refusals.count
+        summary.refused_examples.extend(refusals.examples)
+    pool.shutdown(wait=True)
+    return planned_bytes if dry_run else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# planning from a table
+# ------------------------------------------------------------------------------------------------
+
+_TABLE_FORMATS = {
+    ".ecsv": "ascii.ecsv",
+    ".csv": "ascii.csv",
+    ".xml": "votable",
+    ".vot": "votable",
+    ".votable": "votable",
+    ".fits": "fits",
+    ".fit": "fits",
+}
+
+
+def read_table(path: str | Path) -> Table:
+    """A product table from any format astropy reads (ECSV, VOTable, FITS, CSV).
+
+    The format comes from the extension when it is a known one, otherwise astropy guesses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no such table file: {path}")
+    fmt = _TABLE_FORMATS.get(path.suffix.lower())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # VOTable/FITS unit chatter is no user's concern
+            table = Table.read(path, format=fmt) if fmt else Table.read(path)
+    except Exception as exc:
+        raise UsageError(f"cannot read table {path}: {_one_line(exc)}") from exc
+    return table
+
+
+def plan_table(
+    store: JobStore | None,
+    root: str | Path,
+    table: Table,
+    *,
+    server: str = DEFAULT_MAST_URL,
+    flat: bool = False,
+    kinds: Sequence[str] | None = None,
+    dry_run: bool = False,
+) -> PlanSummary:
+    """Plan the products of an astropy ``table`` (e.g. from ``get_product_list``), no query.
+
+    The table needs ``dataURI`` and ``productFilename`` (and ``obs_collection``, ``obs_id``
+    unless ``flat``); a missing one is refused by name. ``kinds`` keeps only those product
+    kinds (needs ``productSubGroupDescription``). Download URLs are built from ``server`` the
+    way astroquery builds them.
+    """
+    started = time.monotonic()
+    dry_run = dry_run or store is None
+    summary = PlanSummary(root=str(root), dry_run=dry_run, new_files=None if dry_run else 0)
+    if kinds:
+        if "productSubGroupDescription" not in table.colnames:
+            raise UsageError(
+                "the product table lacks the column productSubGroupDescription needed "
+                "to select product kinds"
+            )
+        subgroups = Selection(kinds=list(kinds)).subgroups()
+        mask = np.isin(np.asarray(_values(table["productSubGroupDescription"]), object), subgroups)
+        table = table[mask]
+    refusals = _Refusals()
+    rows = rows_from_table(table, server=server, flat=flat, refusals=refusals)
+    _summarize_rows(summary, rows)
+    return _store_rows(store, summary, rows, refusals, started)
+
+
+def _summarize_rows(summary: PlanSummary, rows: Iterable[PlannedProduct]) -> None:
+    for row in rows:
+        summary.add(row.sector, 1, row.size or 0)
+        if row.size is None:
+            summary.unknown_sizes += 1
+
+
+def _store_rows(
+    store: JobStore | None,
+    summary: PlanSummary,
+    rows: list[PlannedProduct],
+    refusals: _Refusals,
+    started: float,
+) -> PlanSummary:
+    summary.refused = refusals.count
+    summary.refused_examples = list(refusals.examples)
+    if not summary.dry_run and store is not None:
+        summary.new_files = store.add_products(rows)
+        _finish_summary(summary, store, 0)
+    else:  # a dry run: the table's bytes on top of what the job still needs (an upper bound)
+        _finish_summary(summary, store, summary.total_bytes)
+    summary.elapsed = time.monotonic() - started
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# planning from MAST's bulk curl scripts
+# ------------------------------------------------------------------------------------------------
+
+#: File name endings of TESS products -> (productSubGroupDescription, part kept in obs_id).
+#: ``..._fast-lc.fits`` belongs to the observation ``..._fast`` (MAST's 20-s obs_ids end so).
+_SUFFIXES: tuple[tuple[str, str, str], ...] = (
+    ("_fast-lc.fits", "FAST-LC", "_fast"),
+    ("_fast-tp.fits", "FAST-TP", "_fast"),
+    ("_lc.fits", "LC", ""),
+    ("_tp.fits", "TP", ""),
+    ("_dvt.fits", "DVT", ""),
+    ("_dvr.pdf", "DVR", ""),
+    ("_dvr.xml", "DVR", ""),
+    ("_dvs.pdf", "DVS", ""),
+    ("_dvm.pdf", "DVM", ""),
+)
+
+
+def product_from_filename(name: str) -> tuple[str, str]:
+    """(obs_id, productSubGroupDescription) derived from a TESS product file name.
+
+    ``tess2018206045859-s0001-0000000025155310-0120-s_lc.fits`` is product ``LC`` of the
+    observation ``tess2018206045859-s0001-0000000025155310-0120-s``. An unknown ending keeps
+    the name without its extension as obs_id and an empty kind.
+    """
+    for suffix, kind, keep in _SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)] + keep, kind
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return stem, ""
+
+
+def _parse_curl_line(line: str) -> tuple[str, str]:
+    """(output name, URL) of one ``curl ... -o NAME URL`` line; ValueError says what is wrong."""
+    try:
+        args = shlex.split(line)
+    except ValueError as exc:
+        raise ValueError(f"cannot parse: {exc}") from None
+    if not args or Path(args[0]).name != "curl":
+        raise ValueError("not a curl command")
+    name: str | None = None
+    url: str | None = None
+    i = 1
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-o", "--output"):
+            if i + 1 >= len(args):
+                raise ValueError(f"{arg} without a file name")
+            name = args[i + 1]
+            i += 2
+            continue
+        if arg in ("-C", "--continue-at", "-H", "--header", "-A", "--user-agent", "--retry"):
+            i += 2
+            continue
+        if arg.startswith(("http://", "https://")):
+            if url is not None:
+                raise ValueError("more than one URL")
+            url = arg
+        i += 1
+    if name is None:
+        raise ValueError("no -o NAME")
+    if url is None:
+        raise ValueError("no URL")
+    return name, url
+
+
+def _uri_from_url(url: str) -> str:
+    """The MAST dataURI in a download URL's ``uri=`` parameter."""
+    query = parse_qs(urlsplit(url).query)
+    values = query.get("uri")
+    if not values or not values[0]:
+        raise ValueError("the URL has no uri= parameter")
+    return unquote(values[0]) if "%" in values[0] else values[0]
+
+
+def read_curl_script(path: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """((name, url) per good line, messages for malformed lines with their line numbers)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise UsageError(f"cannot read curl script {path}: {exc.strerror or exc}") from exc
+    good: list[tuple[str, str]] = []
+    bad: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            good.append(_parse_curl_line(stripped))
+        except ValueError as exc:
+            bad.append(f"{path}:{number}: {exc}: {stripped[:120]!r}")
+    return good, bad
+
+
+def plan_curl_scripts(
+    store: JobStore | None,
+    root: str | Path,
+    paths: Sequence[str | Path],
+    *,
+    flat: bool = False,
+    server: str | None = None,
+    dry_run: bool = False,
+) -> PlanSummary:
+    """Plan the files of MAST bulk download scripts (``tesscurl_sector_N_lc.sh``), no query.
+
+    Each ``curl -C - -L -o NAME URL`` line becomes a row: dataURI from the URL's ``uri=``,
+    obs_id and kind from the file name, the sector from ``-sNNNN-``. With ``server`` the URL is
+    rebuilt for that server; otherwise the script's URL is used as written. Malformed lines are
+    refused with their line numbers and the rest is planned; a script with no curl line at all
+    is a usage error. Sizes are unknown until downloaded.
+    """
+    started = time.monotonic()
+    dry_run = dry_run or store is None
+    summary = PlanSummary(root=str(root), dry_run=dry_run, new_files=None if dry_run else 0)
+    refusals = _Refusals()
+    rows: list[PlannedProduct] = []
+    seen: set[str] = set()
+    taken: dict[str, str] = {}
+    for script in paths:
+        good, bad = read_curl_script(script)
+        if not good:
+            detail = f" ({bad[0]})" if bad else ""
+            raise UsageError(f"{script}: no 'curl ... -o NAME URL' lines found{detail}")
+        for message in bad:
+            refusals.add(message)
+        for name, url in good:
+            try:
+                uri = _uri_from_url(url)
+            except ValueError as exc:
+                refusals.add(f"{script}: {name}: {exc}")
+                continue
+            if uri in seen:
+                continue
+            seen.add(uri)
+            obs_id, kind = product_from_filename(name)
+            collection = uri.split(":", 1)[1].split("/", 1)[0] if ":" in uri else "TESS"
+            try:
+                local = relative_path(collection, obs_id, name, flat)
+            except UnsafePathError as exc:
+                refusals.add(f"{script}: {uri}: {exc}")
+                continue
+            if local in taken:
+                refusals.add(f"{script}: {uri}: would be saved as {local} like {taken[local]}")
+                continue
+            taken[local] = uri
+            rows.append(
+                PlannedProduct(
+                    uri=uri,
+                    url=download_url(server, uri) if server else url,
+                    local_path=local,
+                    size=None,
+                    obs_collection=collection,
+                    obs_id=obs_id,
+                    product_filename=name,
+                    sector=sector_from_name(name),
+                    kind=kind,
+                    extra={"source": Path(script).name},
+                )
+            )
+    _summarize_rows(summary, rows)
+    return _store_rows(store, summary, rows, refusals, started)
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------
+
+
+def _export_columns(first: Iterable[dict[str, Any]]) -> list[str]:
+    """Column order of an export: astroquery's product columns first, then extras, then ours."""
+    keys: set[str] = set()
+    for extra in first:
+        keys.update(extra)
+    names = [c for c in PRODUCT_COLUMNS if c in _CORE_COLUMNS or c in keys]
+    names += sorted(k for k in keys if k not in PRODUCT_COLUMNS and k not in _EXPORT_ONLY_COLUMNS)
+    return names + list(_EXPORT_ONLY_COLUMNS)
+
+
+def _record_row(rec: Any, columns: list[str]) -> list[Any]:
+    core = {
+        "dataURI": rec.uri,
+        "obs_collection": rec.obs_collection,
+        "obs_id": rec.obs_id,
+        "productFilename": rec.product_filename,
+        "size": rec.size,
+        "productSubGroupDescription": rec.kind,
+        "url": rec.url,
+        "local_path": rec.local_path,
+        "sector": rec.sector,
+        "status": rec.status,
+    }
+    return [core[c] if c in core else rec.extra.get(c) for c in columns]
+
+
+def _ecsv_header(columns: list[str], sample: list[list[Any]]) -> str:
+    """The ECSV header (YAML + names line) of a zero-row table with the sampled dtypes."""
+    cols = []
+    for j in range(len(columns)):
+        values = [row[j] for row in sample if row[j] is not None]
+        if values and all(isinstance(v, bool) for v in values):
+            dtype: Any = bool
+        elif values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            dtype = np.int64
+        elif values and all(isinstance(v, (int, float)) for v in values):
+            dtype = np.float64
+        else:
+            dtype = str
+        cols.append(np.zeros(0, dtype=dtype))
+    buf = io.StringIO()
+    Table(cols, names=columns).write(buf, format="ascii.ecsv", delimiter=",")
+    return buf.getvalue()
+
+
+def export_plan(store: JobStore, path: str | Path, *, batch: int = 10_000) -> int:
+    """Write every planned product to ``path`` (ECSV for ``.ecsv``, else CSV); return rows.
+
+    Rows are streamed from the job state so a million-row plan is not built in memory; the
+    file reads back with ``Table.read`` and plans again with :func:`plan_table`.
+    """
+    path = Path(path)
+    ecsv = path.suffix.lower() == ".ecsv"
+    records = store.iter_records(batch=batch)
+    sample = []
+    for rec in records:
+        sample.append(rec)
+        if len(sample) >= 1000:
+            break
+    columns = _export_columns(r.extra for r in sample)
+    first_rows = [_record_row(r, columns) for r in sample]
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            if ecsv:
+                fh.write(_ecsv_header(columns, first_rows))
+            writer = csv.writer(fh, lineterminator="\n")
+            if not ecsv:
+                writer.writerow(columns)
+
+            def cell(v: Any) -> Any:
+                return "" if v is None else v
+
+            for row in first_rows:
+                writer.writerow([cell(v) for v in row])
+                count += 1
+            for rec in records:
+                writer.writerow([cell(v) for v in _record_row(rec, columns)])
+                count += 1
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return count
+
+
+def iter_planned(store: JobStore) -> Iterator[PlannedProduct]:
+    """The job's rows as :class:`PlannedProduct`, e.g. to compare two plans."""
+    for rec in store.iter_records():
+        yield PlannedProduct(
+            uri=rec.uri,
+            url=rec.url,
+            local_path=rec.local_path,
+            size=rec.size,
+            obs_collection=rec.obs_collection,
+            obs_id=rec.obs_id,
+            product_filename=rec.product_filename,
+            sector=rec.sector,
+            kind=rec.kind,
+            extra=rec.extra,
+        )
