@@ -326,10 +326,24 @@ class SQLiteStore:
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Create the schema in a new DB; refuse one written by a newer bulkfetch."""
-        conn.execute("BEGIN IMMEDIATE")  # also proves the DB is writable
+        """Create the schema in a new DB; refuse one written by a newer bulkfetch.
+
+        An up-to-date DB is opened without taking the write lock, so ``bulkfetch status`` never
+        waits for a running fetch's open batch; writability is checked with ``os.access``
+        instead, to fail now with a clear message rather than at the first write.
+        """
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            for target in (self.path, self.path.parent):
+                if not os.access(target, os.W_OK):
+                    raise StateError(
+                        f"cannot write the job state {self.path} ({target} is read-only): "
+                        "check the directory's permissions"
+                    )
+            return
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # may have changed
             if version > SCHEMA_VERSION:
                 raise StateError(
                     f"the job state {self.path} has schema version {version}, newer than this "
