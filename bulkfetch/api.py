@@ -17,7 +17,6 @@ and ``manifest`` on a job of millions of files should not pay a second of astroq
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import fcntl
 import json
@@ -26,8 +25,8 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,6 +52,7 @@ from .store import (
     PENDING,
     ProductRecord,
     SQLiteStore,
+    db_path,
     open_store,
     state_dir,
 )
@@ -66,44 +66,12 @@ log = logging.getLogger("bulkfetch")
 T = TypeVar("T")
 
 #: Meta key under which the engine publishes its current effective concurrency.
-META_CONCURRENCY = "concurrency"
+META_CONCURRENCY = "fetch.concurrency"
 #: Meta key recording the server a job was planned against (used by ``fetch`` when not given).
 META_SERVER = "server"
 
 #: Verification levels of :meth:`Job.verify`, cheapest first.
 VERIFY_LEVELS = ("size", "sha256", "full")
-
-
-# -- running the engine from sync code, with or without a running event loop ----------------
-
-
-def loop_is_running() -> bool:
-    """Whether this thread already runs an asyncio loop (Jupyter, an async application)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def run_blocking(fn: Callable[[], T], on_interrupt: Callable[[], None] | None = None) -> T:
-    """Call ``fn`` and return its result; in a worker thread if a loop runs in this thread.
-
-    ``asyncio.run`` refuses to start inside a running loop, so in a notebook the engine gets a
-    thread of its own. A KeyboardInterrupt while waiting (the notebook's stop button) calls
-    ``on_interrupt`` so the engine winds down and records its state, then re-raises.
-    """
-    if not loop_is_running():
-        return fn()
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bulkfetch") as pool:
-        future = pool.submit(fn)
-        try:
-            return future.result()
-        except KeyboardInterrupt:
-            if on_interrupt is not None:
-                on_interrupt()
-            future.result()
-            raise
 
 
 def astroquery_server() -> str:
@@ -353,8 +321,12 @@ class Job:
         given = sum(x is not None and x != () for x in (selection, table, tuple(curl_scripts)))
         if given != 1:
             raise UsageError("plan needs exactly one of: a selection, a table, curl scripts")
-        store = self.store
-        store.set_meta(META_SERVER, server)
+        # A dry run of a directory that was never planned creates nothing.
+        store: SQLiteStore | None = None
+        if not dry_run or db_path(self.root).exists():
+            store = self.store
+            if not dry_run:
+                store.set_meta(META_SERVER, server)
         if selection is not None:
             summary = planner.plan(
                 store,
@@ -391,39 +363,34 @@ class Job:
 
         ``options`` or keyword options (``concurrency=16, retries=5, ...``) configure the
         engine. ``progress`` is a :class:`Progress` or a mode for :func:`make_progress`.
-        ``handle_signals`` (default: when called from the main thread without a running loop)
-        turns SIGINT/SIGTERM into a graceful stop: downloads in flight are released as pending
-        and the result says which signal ended the run. Holding the runner lock for the whole
-        run makes a second ``fetch`` into the same directory fail fast instead of racing.
+        ``handle_signals`` (default: when called from the main thread) turns SIGINT/SIGTERM
+        into a graceful stop: downloads in flight are parked, leases returned, and the result's
+        ``interrupted_by`` names the signal. From a notebook (a loop already running) the
+        engine runs in its own thread and the stop button stops it the same way.
+
+        The runner lock is held from before the engine starts until the manifest is written,
+        so a second ``fetch`` into the same directory fails at once instead of racing, and the
+        manifest describes the state this run left.
         """
         from .fetch import FetchOptions
+        from .fetch import fetch as run_engine
 
         if options is None:
             options = FetchOptions(**option_kwargs)
         elif option_kwargs:
-            from dataclasses import replace
-
             options = replace(options, **option_kwargs)
         options.validate()
-        events = progress if isinstance(progress, Progress) else make_progress(progress)
-        in_loop = loop_is_running()
         if handle_signals is None:
-            handle_signals = threading.current_thread() is threading.main_thread() and not in_loop
+            handle_signals = threading.current_thread() is threading.main_thread()
         store = self.store
         store.acquire_lock()
-        holder: dict[str, Any] = {}
+        events = progress if isinstance(progress, Progress) else make_progress(progress)
         try:
-
-            def work() -> FetchResult:
-                return asyncio.run(self._fetch_async(options, events, handle_signals, holder))
-
-            def stop() -> None:
-                fetcher = holder.get("fetcher")
-                loop = holder.get("loop")
-                if fetcher is not None and loop is not None:
-                    loop.call_soon_threadsafe(fetcher.request_stop)
-
-            result = run_blocking(work, on_interrupt=stop)
+            # We hold the lock already; the engine must not release it under our feet.
+            engine_options = replace(options, lock=False)
+            result = run_engine(
+                store, self.root, engine_options, events, install_signals=handle_signals
+            )
         finally:
             events.close()
             try:
@@ -432,23 +399,6 @@ class Job:
             finally:
                 store.release_lock()
         return result
-
-    async def _fetch_async(
-        self,
-        options: FetchOptions,
-        events: Progress,
-        handle_signals: bool,
-        holder: dict[str, Any],
-    ) -> FetchResult:
-        """Run the engine on the current loop, publishing it in ``holder`` for ``stop``."""
-        from .fetch import Fetcher
-
-        fetcher = Fetcher(self.store, self.root, options, events)
-        loop = asyncio.get_running_loop()
-        holder["fetcher"], holder["loop"] = fetcher, loop
-        if handle_signals:
-            fetcher.install_signal_handlers(loop)
-        return await fetcher.run()
 
     # -- reports ----------------------------------------------------------------------------
     def status(self, *, error_limit: int = 20) -> JobStatus:
@@ -651,7 +601,6 @@ __all__ = [
     "JobStatus",
     "VerifyReport",
     "download_products",
-    "run_blocking",
     "astroquery_server",
     "runner_pid",
     "status_json",
