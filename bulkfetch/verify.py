@@ -265,11 +265,20 @@ class _Reader:
         return data
 
     def chunks(self, n: int) -> Iterator[memoryview]:
-        """Yield up to ``n`` bytes in reused-buffer chunks; stops early at end of stream."""
+        """Yield up to ``n`` bytes in reused-buffer chunks; stops early at end of stream.
+
+        Each chunk is filled completely (short reads are retried), so every chunk but one cut
+        by the end of the stream has the full, 4-byte-aligned length the sum needs.
+        """
         remaining = n
         while remaining > 0:
             want = min(remaining, _READ_CHUNK)
-            got = self._stream.readinto(self._view[:want])  # type: ignore[attr-defined]
+            got = 0
+            while got < want:
+                step = self._stream.readinto(self._view[got:want])  # type: ignore[attr-defined]
+                if not step:
+                    break
+                got += step
             if not got:
                 return
             chunk = self._view[:got]
@@ -278,6 +287,8 @@ class _Reader:
                 self._hasher.update(chunk)
             remaining -= got
             yield chunk
+            if got < want:
+                return
 
     def drain(self) -> int:
         """Consume the rest of the stream; return how many bytes there were."""
@@ -322,7 +333,7 @@ def _walk(reader: _Reader) -> list[str]:
                 problems.append("empty file: not FITS")
             return problems
         label = f"HDU {index}" + (f" ({header.name})" if header.name else "")
-        if index == 0 and (header.first_keyword != "SIMPLE" or header.values.get("SIMPLE") != "T"):
+        if index == 0 and header.first_keyword != "SIMPLE":
             if looks_like_html(header.head):
                 problems.append("not FITS: the file is an HTML page (an error page?)")
             else:
@@ -340,6 +351,9 @@ def _walk(reader: _Reader) -> list[str]:
             why = "file truncated" if header.nbytes % BLOCK else "it runs to the end of the file"
             problems.append(f"{label}: header has no END card ({why})")
             return problems
+        if index == 0 and header.values.get("SIMPLE") != "T":
+            problems.append(f"{label}: SIMPLE is {header.values.get('SIMPLE')!r}, not T")
+            return problems
         size, why = _data_size(header, primary=index == 0)
         if size is None:
             problems.append(f"{label}: {why}")
@@ -348,8 +362,10 @@ def _walk(reader: _Reader) -> list[str]:
         data_sum = 0
         got = 0
         for chunk in reader.chunks(padded):
-            data_sum = ones_complement_sum(chunk, data_sum)
             got += len(chunk)
+            # Only a chunk cut short by the end of the file can be unaligned; it is reported
+            # as truncated below, so its last partial word may be left out of the sum.
+            data_sum = ones_complement_sum(chunk[: len(chunk) & ~3], data_sum)
         if got < padded:
             problems.append(
                 f"truncated: {label} needs {padded} data bytes from offset "
