@@ -36,7 +36,25 @@ _EXPORTS: dict[str, str] = {
     "StateError": "errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "download_products",
+    "Job",
+    "JobStatus",
+    "VerifyReport",
+    "Selection",
+    "PlanSummary",
+    "FetchOptions",
+    "FetchResult",
+    "write_manifest",
+    "read_manifest",
+    "make_progress",
+    "BulkfetchError",
+    "UsageError",
+    "ArchiveError",
+    "IntegrityError",
+    "StateError",
+]
 
 if TYPE_CHECKING:
     from .api import Job, JobStatus, VerifyReport, download_products
