@@ -303,3 +303,29 @@ def test_cache_generates_once_under_concurrent_requests() -> None:
     assert len(results) == 6
     assert all(r is results[0] for r in results)
     assert cache.misses == 1 and cache.hits == 5
+
+
+def test_every_product_of_a_simulated_catalog_gets_a_valid_body() -> None:
+    """The real catalog's names, kinds and sizes (not just our hand-made rows) all work."""
+    from bulkfetch.testing.catalog import Catalog
+    from bulkfetch.testing.config import SimConfig
+
+    catalog = Catalog(
+        SimConfig(seed=5, n_sectors=3, targets_per_sector=12, scale=0.005, fast_fraction=0.3)
+    )
+    kinds: set[str] = set()
+    without_datasum = 0
+    for info in catalog.iter_products():
+        body = product_body(info, seed=5)
+        assert len(body) == info.size, info.filename
+        kinds.add(info.kind)
+        if info.filename.endswith(".fits"):
+            assert check_fits_bytes(body) == [], info.filename
+            without_datasum += not info.has_datasum
+            assert (b"DATASUM =" in body) is info.has_datasum
+        elif info.filename.endswith(".pdf"):
+            assert body.startswith(b"%PDF-1.4"), info.filename
+        elif info.filename.endswith(".xml"):
+            assert body.startswith(b"<?xml"), info.filename
+    assert {"LC", "TP", "DVT", "DVR"} <= kinds
+    assert without_datasum > 0  # the early-sector case is exercised too
