@@ -149,13 +149,20 @@ def test_lightcurve_looks_like_a_real_spoc_light_curve(tmp_path: Path) -> None:
 
 
 def test_target_pixel_file_has_pixel_columns_with_tdim(tmp_path: Path) -> None:
-    info = make_info(TP, 1500 * BLOCK, kind="TP")
+    info = make_info(TP, 5000 * BLOCK, kind="TP")  # > 4096 rows: filled in several slabs
     path = open_fits(tmp_path, product_body(info, seed=1))
     with fits.open(path) as hdul:
         table = hdul["TARGETTABLES"]
         flux = table.data["FLUX"]
         ny, nx = hdul["APERTURE"].data.shape
         assert flux.shape[1:] == (ny, nx)
+        assert table.header[f"TDIM{table.columns.names.index('FLUX') + 1}"] == f"({nx},{ny})"
+        assert len(flux) > 4096
+        # Every row is filled, the last slab too: positive flux, errors and raw counts.
+        for row in (0, 4095, 4096, len(flux) - 1):
+            assert np.all(np.asarray(flux[row]) > 0)
+            assert np.all(np.asarray(table.data["FLUX_ERR"][row]) > 0)
+            assert np.all(np.asarray(table.data["RAW_CNTS"][row]) > 6000)
         frame = np.asarray(flux[0], dtype=float)
         # A star in the middle of the stamp: the brightest pixel is near the centre.
         iy, ix = np.unravel_index(np.nanargmax(frame), frame.shape)

@@ -488,6 +488,10 @@ def _aperture_cards(info: ProductInfo, tgt: _Target, npix_sap: int) -> list[str]
 # -- data --------------------------------------------------------------------------------------
 
 
+#: Rows of a target-pixel table filled per numpy operation.
+_SLAB_ROWS = 4096
+
+
 def _fill_table(table: np.ndarray, tgt: _Target, rng: np.random.Generator) -> None:
     """Write plausible, deterministic values into every column present in ``table``.
 
@@ -545,14 +549,20 @@ def _fill_table(table: np.ndarray, tgt: _Target, rng: np.random.Generator) -> No
         put("MODEL_INIT", signal - np.float32(1.0))
         put("MODEL_WHITENED", np.float32(0.0))
     if "FLUX" in names:
+        # Pixel columns are most of a target-pixel file: fill them in slabs of rows so the
+        # temporaries stay a few MB even for a 200 MB 20-s TP file.
         image = _stamp_image(tgt)
-        flux = np.multiply.outer(rel, image)
-        table["FLUX"] = flux
+        err = np.sqrt(image)
+        for lo in range(0, n, _SLAB_ROWS):
+            part = table[lo : lo + _SLAB_ROWS]
+            flux = np.multiply.outer(rel[lo : lo + _SLAB_ROWS], image)
+            part["FLUX"] = flux
+            if "RAW_CNTS" in names:  # absent from the compact layout of tiny files
+                part["RAW_CNTS"] = (flux * np.float32(2.0)).astype(np.int32) + 6000
+                part["FLUX_ERR"] = err
+                part["FLUX_BKG"] = np.float32(20.0)
+                part["FLUX_BKG_ERR"] = np.float32(1.5)
         table["FLUX"][gap] = np.nan
-        put("FLUX_ERR", np.sqrt(image))
-        put("FLUX_BKG", np.float32(20.0))
-        put("FLUX_BKG_ERR", np.float32(1.5))
-        put("RAW_CNTS", (flux * np.float32(2.0)).astype(np.int32) + 6000)
 
 
 def _stamp_image(tgt: _Target) -> np.ndarray:
@@ -676,7 +686,7 @@ _PRINTABLE = np.frombuffer(
 
 def _text_filler(rng: np.random.Generator, n: int) -> bytes:
     """``n`` printable bytes (base64 alphabet, a newline every 77), cheap to make."""
-    chars = _PRINTABLE[rng.integers(0, 64, n, dtype=np.uint8)]
+    chars = _PRINTABLE[np.frombuffer(rng.bytes(n), dtype=np.uint8) & 63]
     chars[76::77] = ord("\n")
     return chars.tobytes()
 
