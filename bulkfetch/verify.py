@@ -348,7 +348,12 @@ def _walk(reader: _Reader) -> list[str]:
             )
             return problems
         if not header.end_found:
-            why = "file truncated" if header.nbytes % BLOCK else "it runs to the end of the file"
+            if header.nbytes % BLOCK:
+                why = "file truncated"
+            elif header.nbytes >= _MAX_HEADER_BLOCKS * BLOCK:
+                why = f"none in the first {_MAX_HEADER_BLOCKS} blocks"
+            else:
+                why = "it runs to the end of the file"
             problems.append(f"{label}: header has no END card ({why})")
             return problems
         if index == 0 and header.values.get("SIMPLE") != "T":
@@ -424,7 +429,10 @@ def check_fits(path: str | os.PathLike[str]) -> list[str]:
     TESS sectors ship and what ``astropy.io.fits.open(checksum=True)`` wrongly reports as bad.
     """
     with open(path, "rb") as stream:
-        return _check_stream(stream)
+        problems = _check_stream(stream)
+    if problems:
+        log.debug("FITS check of %s: %s", os.fspath(path), "; ".join(problems))
+    return problems
 
 
 def check_fits_bytes(data: bytes | bytearray | memoryview) -> list[str]:

@@ -56,6 +56,8 @@ def _format_value(value: object) -> str:
         return f"{int(value):>20d}"
     if isinstance(value, (float, np.floating)):
         text = repr(float(value)).upper()
+        if len(text) > 20:  # keep the fixed format: at most 20 characters
+            text = f"{float(value):.13E}"
         if "." not in text and "E" not in text and "N" not in text:
             text += ".0"
         return f"{text:>20}"
@@ -537,9 +539,6 @@ def _fill_table(table: np.ndarray, tgt: _Target, rng: np.random.Generator) -> No
         put(f"MOM_CENTR{axis}", base + 1e-3 * noise)
         put(f"MOM_CENTR{axis}_ERR", np.float32(2e-3))
         put(f"POS_CORR{axis}", np.float32(1e-2) * noise2)
-    for name in ("SAP_FLUX", "PDCSAP_FLUX", "PHASE", "LC_INIT", "FLUX"):
-        if name in names and name != "PHASE":
-            table[name][gap] = np.nan
     if "PHASE" in names:
         table["PHASE"] = ((time % period) - period / 2).astype(np.float32)
         put("LC_INIT", rel - np.float32(1.0))
@@ -562,7 +561,9 @@ def _fill_table(table: np.ndarray, tgt: _Target, rng: np.random.Generator) -> No
                 part["FLUX_ERR"] = err
                 part["FLUX_BKG"] = np.float32(20.0)
                 part["FLUX_BKG_ERR"] = np.float32(1.5)
-        table["FLUX"][gap] = np.nan
+    for name in ("SAP_FLUX", "PDCSAP_FLUX", "LC_INIT", "FLUX"):
+        if name in names:
+            table[name][gap] = np.nan
 
 
 def _stamp_image(tgt: _Target) -> np.ndarray:
