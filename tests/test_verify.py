@@ -383,3 +383,38 @@ def test_datasum_that_disagrees_with_the_data_is_reported(tmp_path: Path) -> Non
     problems = check_fits_bytes(body)
     assert any(p.startswith("HDU 1 (TAB): DATASUM mismatch") for p in problems)
     assert any(p.startswith("HDU 1 (TAB): CHECKSUM mismatch") for p in problems)
+
+
+def _header(*cards: str, end: bool = True) -> bytes:
+    text = "".join(c.ljust(80) for c in cards) + ("END".ljust(80) if end else "")
+    return (text + " " * (-len(text) % BLOCK)).encode()
+
+
+def test_hand_made_headers_with_broken_structure_are_reported() -> None:
+    simple = "SIMPLE  =                    T"
+    no_end = _header(
+        simple, "BITPIX  =                    8", "NAXIS   =                    0", end=False
+    )
+    assert check_fits_bytes(no_end) == [
+        "HDU 0 (PRIMARY): header has no END card (it runs to the end of the file)"
+    ]
+    bad_bitpix = _header(simple, "BITPIX  =                   12", "NAXIS   =                    0")
+    assert check_fits_bytes(bad_bitpix) == [
+        "HDU 0 (PRIMARY): BITPIX '12' is not a valid FITS BITPIX"
+    ]
+    missing_axis = _header(
+        simple, "BITPIX  =                   16", "NAXIS   =                    2"
+    )
+    assert check_fits_bytes(missing_axis) == ["HDU 0 (PRIMARY): NAXIS1 is missing or invalid"]
+    not_simple = _header("SIMPLE  =                    F", "BITPIX  =                    8")
+    assert check_fits_bytes(not_simple) == ["HDU 0 (PRIMARY): SIMPLE is 'F', not T"]
+    # A well-formed image without checksums: 3 x 5 int16 = 30 bytes, padded to one block.
+    image = _header(
+        simple,
+        "BITPIX  =                   16",
+        "NAXIS   =                    2",
+        "NAXIS1  =                    3",
+        "NAXIS2  =                    5",
+    )
+    assert check_fits_bytes(image + b"\x01" * BLOCK) == []
+    assert "truncated" in check_fits_bytes(image + b"\x01" * 28)[0]
