@@ -18,6 +18,7 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,11 +42,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_rows(n: int, start: int = 0, sectors: int = 3) -> list[PlannedProduct]:
     """``n`` distinct products shaped like TESS light curves (sizes vary, a few unknown)."""
-    rows = []
+    return list(gen_rows(n, start, sectors))
+
+
+def gen_rows(n: int, start: int = 0, sectors: int = 3) -> Iterator[PlannedProduct]:
+    """The rows of :func:`make_rows`, one at a time (for the big tests)."""
     for i in range(start, start + n):
         obs_id = f"tess2018206045859-s{i % sectors + 1:04d}-{i:016d}-0120-s"
         name = f"{obs_id}_lc.fits"
-        rows.append(
+        yield (
             PlannedProduct(
                 uri=f"mast:TESS/product/{name}",
                 url=f"http://127.0.0.1:1/api/v0.1/Download/file?uri=mast:TESS/product/{name}",
@@ -59,7 +64,6 @@ def make_rows(n: int, start: int = 0, sectors: int = 3) -> list[PlannedProduct]:
                 extra={"obsID": str(90000000 + i), "productType": "SCIENCE"},
             )
         )
-    return rows
 
 
 def other_connection_row(root: Path, uri: str) -> sqlite3.Row:
@@ -604,9 +608,9 @@ def test_lock_context_manager_and_close_release(tmp_path: Path) -> None:
 def test_iter_records_streams_200k_rows_in_bounded_memory(tmp_path: Path) -> None:
     n = 200_000
     with open_store(tmp_path) as store:
-        store.add_products(make_rows(n))
+        assert store.add_products(gen_rows(n)) == n
         # finish a band in the middle, so a status filter has to skip most rows
-        for w in store.claim(150_000)[100_000:]:
+        for w in store.claim(110_000)[100_000:]:
             store.finish(w.uri, w.size or 0, "0" * 64)
         store.flush()
 
@@ -627,7 +631,7 @@ def test_iter_records_streams_200k_rows_in_bounded_memory(tmp_path: Path) -> Non
         assert peak < 30 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
 
         done = [rec.uri for rec in store.iter_records(DONE, batch=4096)]
-        assert len(done) == 50_000 and len(set(done)) == 50_000
+        assert len(done) == 10_000 and len(set(done)) == 10_000
 
         # claim walks the (status, id) index, never the done rows
         plan = " ".join(
@@ -638,9 +642,7 @@ def test_iter_records_streams_200k_rows_in_bounded_memory(tmp_path: Path) -> Non
             )
         )
         assert "products_status_id" in plan and "TEMP B-TREE" not in plan
-        assert [w.uri for w in store.claim(2)] == [make_rows(1, start=150_000)[0].uri] + [
-            make_rows(1, start=150_001)[0].uri
-        ]
+        assert [w.uri for w in store.claim(2)] == [r.uri for r in make_rows(2, start=110_000)]
 
 
 def test_store_is_usable_from_another_thread(tmp_path: Path) -> None:
