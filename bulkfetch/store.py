@@ -494,6 +494,28 @@ class SQLiteStore:
             finally:
                 os.close(fd)
 
+    def lock_holder(self) -> int | None:
+        """The pid of the process holding the runner lock right now (maybe us), or ``None``.
+
+        Probes with a fresh descriptor and a shared, non-blocking ``flock``, never taking the
+        lock for longer than the probe. ``-1`` if it is held but the pid is not (yet) written.
+        """
+        lock_path = state_dir(self.root) / LOCK_FILENAME
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     @contextmanager
     def locked(self) -> Iterator[SQLiteStore]:
         """``with store.locked():`` hold the runner lock for the block."""

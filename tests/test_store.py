@@ -572,6 +572,7 @@ def test_second_process_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
             assert str(info.value) == (
                 f"another bulkfetch is already working on {tmp_path} (pid {child.pid})"
             )
+            assert store.lock_holder() == child.pid
             # reading the state while a fetch runs is fine
             assert store.total() == (0, 0)
     finally:
@@ -581,8 +582,11 @@ def test_second_process_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
         if child.stdout is not None:
             child.stdout.close()
     with open_store(tmp_path) as store:
+        assert store.lock_holder() is None
         store.acquire_lock()
+        assert store.lock_holder() == os.getpid()
         store.release_lock()
+        assert store.lock_holder() is None
 
 
 def test_lock_context_manager_and_close_release(tmp_path: Path) -> None:
