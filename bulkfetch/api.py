@@ -18,7 +18,6 @@ and ``manifest`` on a job of millions of files should not pay a second of astroq
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import json
 import logging
 import os
@@ -48,13 +47,11 @@ from .store import (
     ACTIVE,
     DONE,
     ERROR,
-    LOCK_FILENAME,
     PENDING,
     ProductRecord,
     SQLiteStore,
     db_path,
     open_store,
-    state_dir,
 )
 
 if TYPE_CHECKING:
@@ -159,29 +156,6 @@ class JobStatus:
             lines.append("  errors by message:")
             lines.extend(f"    {n:>8}  {m}" for m, n in self.error_groups)
         return "\n".join(lines)
-
-
-def runner_pid(directory: str | os.PathLike[str]) -> int | None:
-    """The pid of the process fetching into ``directory`` right now, or None.
-
-    Probes the runner's ``flock`` with a fresh descriptor (a lock held by this very process on
-    another descriptor counts as held too), without taking it.
-    """
-    path = state_dir(directory) / LOCK_FILENAME
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 # -- verify -----------------------------------------------------------------------------------
@@ -406,7 +380,7 @@ class Job:
         effective concurrency, and error messages grouped."""
         store = self.store
         counts = store.counts()
-        pid = runner_pid(self.root)
+        pid = store.lock_holder()
         conc_text = store.get_meta(META_CONCURRENCY) if pid is not None else None
         try:
             concurrency = int(conc_text) if conc_text else None
@@ -602,7 +576,6 @@ __all__ = [
     "VerifyReport",
     "download_products",
     "astroquery_server",
-    "runner_pid",
     "status_json",
     "VERIFY_LEVELS",
 ]

@@ -169,13 +169,15 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--from-table",
         metavar="FILE",
-        help="plan the products of a table file (ECSV, VOTable, FITS, CSV) instead of querying",
+        help="plan the products of a table file (ECSV, VOTable, FITS, CSV) instead of querying "
+        "(default: query the archive)",
     )
     g.add_argument(
         "--from-curl-script",
         metavar="FILE",
         nargs="+",
-        help="plan the files of MAST bulk download scripts (tesscurl_*.sh) instead of querying",
+        help="plan the files of MAST bulk download scripts (tesscurl_*.sh) instead of querying "
+        "(default: query the archive)",
     )
     g.add_argument(
         "--flat",
@@ -186,7 +188,7 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--export",
         metavar="FILE",
-        help="also write the planned products to FILE (ECSV for .ecsv, else CSV)",
+        help="also write the planned products to FILE (ECSV for .ecsv, else CSV) (default: none)",
     )
     g.add_argument(
         "--dry-run",
@@ -324,9 +326,16 @@ def _add_simulate_options(p: argparse.ArgumentParser) -> None:
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument(
-        "-q", "--quiet", action="store_true", help="only errors and the final summary line"
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="only warnings, errors and the final summary line (default: info and progress)",
     )
-    g.add_argument("--debug", action="store_true", help="debug logging and tracebacks on errors")
+    g.add_argument(
+        "--debug",
+        action="store_true",
+        help="debug logging and tracebacks on errors (default: off)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
