@@ -701,34 +701,67 @@ def dv_run(name: str) -> tuple[str, int, int] | None:
     return match.group(3).lstrip("0") or "0", int(match.group(1)), int(match.group(2))
 
 
-def latest_dv_filter(products: Table) -> Table:
-    """Drop DV products of obsolete runs: per target keep the newest, widest sector range.
+class LatestDV:
+    """Keeps, per target, only the newest, widest multi-sector DV run: older runs are obsolete.
 
     "Newest" is the highest last sector; among runs ending there the widest (lowest first
-    sector) wins. Non-DV rows and DV rows whose name carries no range are kept.
+    sector) wins. A run is known by its file names (``-s0001-s0013-<TIC>-``); single-sector DV
+    results (``-s0005-s0005-``), other products and names without a range are never dropped.
+
+    Rows already written cannot be taken back, so the planner feeds sectors newest first and
+    commits them in that order: the first run accepted for a target is then its best one.
     """
-    if len(products) == 0 or "productSubGroupDescription" not in products.colnames:
-        return products
-    subs = _values(products["productSubGroupDescription"])
-    names = _values(products["productFilename"])
-    runs: list[tuple[str, int, int] | None] = []
-    best: dict[str, tuple[int, int]] = {}
-    for sub, name in zip(subs, names, strict=True):
-        run = dv_run(str(name)) if sub in DV_SUBGROUPS and name else None
-        runs.append(run)
-        if run is not None:
-            tic, first, last = run
-            key = (last, -first)
-            if tic not in best or key > best[tic]:
-                best[tic] = key
-    keep = np.ones(len(products), dtype=bool)
-    for i, run in enumerate(runs):
-        if run is not None and (run[2], -run[1]) != best[run[0]]:
-            keep[i] = False
-    dropped = int((~keep).sum())
-    if dropped:
-        log.info("latest DV only: dropped %d products of older DV runs", dropped)
-    return products[keep]
+
+    def __init__(self) -> None:
+        self.best: dict[str, tuple[int, int]] = {}
+        self.dropped = 0
+
+    @staticmethod
+    def _run(sub: Any, name: Any) -> tuple[str, tuple[int, int]] | None:
+        if sub not in DV_SUBGROUPS or not name:
+            return None
+        run = dv_run(str(name))
+        if run is None or run[1] == run[2]:
+            return None
+        return run[0], (run[2], -run[1])
+
+    def seed(self, rows: Iterable[tuple[str, str]]) -> None:
+        """Learn the runs a job already holds, from (kind, productFilename) pairs."""
+        for sub, name in rows:
+            run = self._run(sub, name)
+            if run is not None and run[1] > self.best.get(run[0], (-1, 0)):
+                self.best[run[0]] = run[1]
+
+    def filter(self, products: Table) -> Table:
+        """``products`` without the rows of runs that a newer or wider run supersedes."""
+        if len(products) == 0 or "productSubGroupDescription" not in products.colnames:
+            return products
+        subs = _values(products["productSubGroupDescription"])
+        names = _values(products["productFilename"])
+        runs = [self._run(sub, name) for sub, name in zip(subs, names, strict=True)]
+        local: dict[str, tuple[int, int]] = {}
+        for run in runs:
+            if run is not None and run[1] > local.get(run[0], (-1, 0)):
+                local[run[0]] = run[1]
+        winner: dict[str, tuple[int, int] | None] = {}
+        for tic, key in local.items():
+            known = self.best.get(tic)
+            if known is not None and known > key:
+                winner[tic] = None  # a newer run was planned already
+            else:
+                winner[tic] = key
+                self.best[tic] = key
+        keep = np.array([run is None or winner[run[0]] == run[1] for run in runs], dtype=bool)
+        dropped = int((~keep).sum())
+        if dropped:
+            self.dropped += dropped
+            log.info("latest DV only: dropped %d products of older DV runs", dropped)
+        return products[keep]
+
+
+def latest_dv_filter(products: Table) -> Table:
+    """One table without the products of obsolete multi-sector DV runs (see :class:`LatestDV`)."""
+    return LatestDV().filter(products)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -868,10 +901,10 @@ class _SectorJob:
 
     sector: int
     kinds: list[str]
+    order: int
     obs_futures: list[Future[list[str]]] = field(default_factory=list)
     batch_futures: list[Future[Table]] = field(default_factory=list)
-    obsids: list[str] = field(default_factory=list)
-    tables: list[Table] = field(default_factory=list)
+    products: Table | None = None  # set once every batch answered; waits for its turn
 
 
 def _obs_criteria(selection: Selection, sector: int) -> list[dict[str, Any]]:
@@ -999,8 +1032,10 @@ def plan(
             else:
                 log.info("using the %d sectors discovered earlier", len(sectors))
 
+        # latest_dv_only needs newer runs first (see LatestDV); otherwise ascending order.
+        ordered = sorted(set(sectors), reverse=selection.latest_dv_only)
         todo: list[tuple[int, list[str]]] = []
-        for sector in sectors:
+        for sector in ordered:
             need = []
             for kind in selection.kinds:
                 unit = unit_name(sector, kind, fp)
@@ -1058,27 +1093,36 @@ def _run_sectors(
     dry_run: bool,
     max_rows: int,
 ) -> int:
-    """Query the sectors of ``todo`` with a thread pool and commit each as it completes.
+    """Query the sectors of ``todo`` with a thread pool; commit them one by one, in order.
 
     At most ``workers + 1`` sectors are in flight, which bounds memory whatever the number of
     sectors; within that window the observation query of one sector overlaps the product-list
-    batches of others, so the pool stays busy even when every sector is small. Returns the bytes
-    of the products planned (for the dry run's space estimate).
+    batches of others, so the pool stays busy even when every sector is small. Sectors are
+    committed in ``todo`` order (a finished sector waits for the ones before it), which keeps
+    the job's row order deterministic and lets ``latest_dv_only`` see newer runs first.
+    Returns the bytes of the products planned (for a dry run's space estimate).
     """
     from tqdm import tqdm
 
     window = workers + 1
-    queue = list(todo)
-    queue.reverse()
+    pending = list(reversed(todo))
     inflight: dict[Future[Any], _SectorJob] = {}
+    jobs: dict[int, _SectorJob] = {}  # by order, until committed
+    next_commit = 0
     refusals = _Refusals()
+    latest = LatestDV() if selection.latest_dv_only else None
+    if latest is not None and store is not None:
+        dv_kinds = {k for k in selection.kinds if set(PRODUCT_KINDS[k]) & DV_SUBGROUPS}
+        if dv_kinds:  # runs planned by an earlier, interrupted plan still count
+            latest.seed((r.kind, r.product_filename) for r in store.iter_records())
     planned_bytes = 0
     bar = tqdm(total=len(todo), unit="sector", desc="plan", disable=not progress, leave=True)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bulkfetch-plan")
 
     def start_next() -> None:
-        sector, kinds = queue.pop()
-        job = _SectorJob(sector=sector, kinds=kinds)
+        sector, kinds = pending.pop()
+        job = _SectorJob(sector=sector, kinds=kinds, order=len(todo) - len(pending) - 1)
+        jobs[job.order] = job
         for crit in _obs_criteria(selection, sector):
             fut = pool.submit(_query_obsids, aq, sector, crit, max_rows)
             job.obs_futures.append(fut)
@@ -1086,37 +1130,41 @@ def _run_sectors(
 
     def obs_done(job: _SectorJob) -> None:
         """All observation queries of ``job`` answered: start its product batches."""
+        obsids: list[str] = []
         seen: set[str] = set()
         for fut in job.obs_futures:
             for obsid in fut.result():
                 if obsid not in seen:
                     seen.add(obsid)
-                    job.obsids.append(obsid)
-        job.obs_futures.clear()
+                    obsids.append(obsid)
+        job.obs_futures = []
         subgroups = selection.subgroups(job.kinds)
-        nb = math.ceil(len(job.obsids) / batch_size)
+        nb = math.ceil(len(obsids) / batch_size)
         for b in range(nb):
-            chunk = job.obsids[b * batch_size : (b + 1) * batch_size]
+            chunk = obsids[b * batch_size : (b + 1) * batch_size]
             what = f"sector {job.sector}: get_product_list batch {b + 1}/{nb}"
             fut = pool.submit(_product_batch, aq, what, chunk, subgroups, selection.filters)
             job.batch_futures.append(fut)
             inflight[fut] = job
-        job.obsids = []
         if nb == 0:
-            finish(job)
+            job.products = Table()
 
-    def finish(job: _SectorJob) -> None:
-        """Every batch of ``job`` answered: dedupe, write its rows, mark its units."""
+    def batches_done(job: _SectorJob) -> None:
+        """Every batch of ``job`` answered: one table of its products, waiting for its turn."""
+        tables = [t for t in (f.result() for f in job.batch_futures) if len(t)]
+        job.batch_futures = []
+        if len(tables) > 1:
+            job.products = vstack(tables, metadata_conflicts="silent")
+        else:
+            job.products = tables[0] if tables else Table()
+
+    def commit(job: _SectorJob) -> None:
+        """Dedupe, write the sector's rows, then mark its units planned."""
         nonlocal planned_bytes
-        tables = [f.result() for f in job.batch_futures]
-        job.batch_futures.clear()
-        tables = [t for t in tables if len(t)]
-        products = vstack(tables, metadata_conflicts="silent") if len(tables) > 1 else None
-        if products is None:
-            products = tables[0] if tables else Table()
-        del tables
-        if selection.latest_dv_only and len(products):
-            products = latest_dv_filter(products)
+        products = job.products if job.products is not None else Table()
+        job.products = None
+        if latest is not None and len(products):
+            products = latest.filter(products)
         rows = (
             rows_from_table(
                 products,
@@ -1155,27 +1203,31 @@ def _run_sectors(
         bar.set_postfix(files=f"{summary.files:,}")
 
     try:
-        while queue or inflight:
-            active_jobs = {id(j) for j in inflight.values()}
-            while queue and len(active_jobs) < window:
+        while pending or inflight or jobs:
+            while pending and len(jobs) < window:
                 start_next()
-                active_jobs = {id(j) for j in inflight.values()}
-            done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
-            for fut in done:
-                job = inflight.pop(fut)
-                fut.result()  # raise the worker's error here, naming the sector
-                if job.obs_futures and all(f.done() for f in job.obs_futures):
-                    if not any(f in inflight for f in job.obs_futures):
+            if inflight:
+                done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = inflight.pop(fut)
+                    fut.result()  # a worker's error surfaces here, naming its sector
+                    if job.obs_futures and not any(f in inflight for f in job.obs_futures):
                         obs_done(job)
-                elif job.batch_futures and not any(f in inflight for f in job.batch_futures):
-                    finish(job)
+                    elif job.batch_futures and not any(f in inflight for f in job.batch_futures):
+                        batches_done(job)
+            while next_commit in jobs and jobs[next_commit].products is not None:
+                commit(jobs.pop(next_commit))
+                next_commit += 1
+            if not inflight and jobs and next_commit not in jobs:  # pragma: no cover - a bug
+                raise RuntimeError(f"planner lost track of sectors {sorted(jobs)}")
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
         bar.close()
         summary.refused += refusals.count
-        summary.refused_examples.extend(refusals.examples)
+        room = max(0, MAX_EXAMPLES - len(summary.refused_examples))
+        summary.refused_examples.extend(refusals.examples[:room])
     pool.shutdown(wait=True)
     return planned_bytes if dry_run else 0
 
@@ -1286,10 +1338,11 @@ _SUFFIXES: tuple[tuple[str, str, str], ...] = (
     ("_tp.fits", "TP", ""),
     ("_dvt.fits", "DVT", ""),
     ("_dvr.pdf", "DVR", ""),
-    ("_dvr.xml", "DVR", ""),
-    ("_dvs.pdf", "DVS", ""),
+    ("_dvr.xml", "DVM", ""),
     ("_dvm.pdf", "DVM", ""),
 )
+#: ``<dv obs_id stem>-<TCE>-<run>_dvs.pdf``: one summary per TCE of the DV observation.
+_DVS_RE = re.compile(r"^(?P<stem>.+)-\d{2}-(?P<run>\d{5})_dvs\.pdf$")
 
 
 def product_from_filename(name: str) -> tuple[str, str]:
@@ -1299,6 +1352,9 @@ def product_from_filename(name: str) -> tuple[str, str]:
     observation ``tess2018206045859-s0001-0000000025155310-0120-s``. An unknown ending keeps
     the name without its extension as obs_id and an empty kind.
     """
+    dvs = _DVS_RE.match(name)
+    if dvs:
+        return f"{dvs.group('stem')}-{dvs.group('run')}", "DVS"
     for suffix, kind, keep in _SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)] + keep, kind
