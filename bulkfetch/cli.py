@@ -688,6 +688,9 @@ def _do_fetch(args: argparse.Namespace, job: Any) -> int:
     """Run the fetch step of ``fetch``/``tess``, print one summary line, return the exit code."""
     options = _fetch_options(args)
     result = job.fetch(options, progress=_progress_mode(args))
+    if threading_is_main():
+        # The engine's loop put SIGTERM back to the default on exit; keep the clean 143 path.
+        signal.signal(signal.SIGTERM, _on_sigterm)
     st = job.status()
     counts = st.manifest_counts()
     line = (

@@ -86,7 +86,7 @@ COLUMNS: tuple[_Col, ...] = (
     _Col("kind", "str", "productSubGroupDescription (LC, TP, DVT, ...)"),
     _Col("size", "int", "size in bytes (verified for COMPLETE, expected otherwise)", u.byte),
     _Col("sha256", "str", "SHA-256 of the verified file, hex"),
-    _Col("attempts", "int", "download attempts made"),
+    _Col("attempts", "int", "failed download attempts (retries used)"),
     _Col("http_status", "int", "last HTTP status of a failed attempt"),
     _Col("finished", "str", "UTC time the file was verified (ISO 8601)"),
 )

@@ -270,6 +270,19 @@ def is_terminal(stream: Any) -> bool:
         return False
 
 
+def in_notebook() -> bool:
+    """Whether we run inside a Jupyter kernel, whose output cell redraws a bar fine although
+    its streams are not terminals."""
+    shell = sys.modules.get("IPython")
+    if shell is None or "ipykernel" not in sys.modules:
+        return False
+    try:
+        ip = shell.get_ipython()  # type: ignore[attr-defined]
+    except Exception:
+        return False
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
 def make_progress(
     mode: str | bool = "auto",
     *,
@@ -278,8 +291,8 @@ def make_progress(
 ) -> Progress:
     """Pick the display: ``"bar"``, ``"log"``, ``"none"``, or ``"auto"``.
 
-    ``auto`` draws a bar only when both stdout and the output stream are terminals (a user
-    watching), and falls back to plain lines when either is redirected - the case of a
+    ``auto`` draws a bar when both stdout and the output stream are terminals (a user
+    watching) or in a Jupyter notebook, and falls back to plain lines when either is redirected - the case of a
     ``nohup``/batch job whose output ends up in a file. ``True`` means ``auto``, ``False``
     ``none``, so API callers can pass ``progress=True`` as they would to astroquery.
     """
@@ -289,7 +302,8 @@ def make_progress(
         mode = "none"
     out = stream if stream is not None else sys.stderr
     if mode == "auto":
-        mode = "bar" if is_terminal(sys.stdout) and is_terminal(out) else "log"
+        watched = (is_terminal(sys.stdout) and is_terminal(out)) or in_notebook()
+        mode = "bar" if watched else "log"
     if mode == "bar":
         return BarProgress(out)
     if mode == "log":
@@ -307,4 +321,5 @@ __all__ = [
     "format_bytes",
     "format_duration",
     "is_terminal",
+    "in_notebook",
 ]
