@@ -292,8 +292,9 @@ def make_progress(
     """Pick the display: ``"bar"``, ``"log"``, ``"none"``, or ``"auto"``.
 
     ``auto`` draws a bar when both stdout and the output stream are terminals (a user
-    watching) or in a Jupyter notebook, and falls back to plain lines when either is redirected - the case of a
-    ``nohup``/batch job whose output ends up in a file. ``True`` means ``auto``, ``False``
+    watching) or in a Jupyter notebook, and falls back to plain lines when either is
+    redirected - the case of a ``nohup``/batch job whose output ends up in a file. ``True``
+    means ``auto``, ``False``
     ``none``, so API callers can pass ``progress=True`` as they would to astroquery.
     """
     if mode is True:
