@@ -95,8 +95,9 @@ _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES
 
 #: Files above this size are verified by streaming over them rather than reading them at once.
 _READ_WHOLE_LIMIT = 64 << 20
-#: Buffer of the ``.part`` writer: few, large write() calls.
-_WRITE_BUFFER = 1 << 20
+#: Buffer of the ``.part`` writer: few, large write() calls; also the most a kill -9 can lose
+#: of a partial body beyond the last progress tick (which flushes it).
+_WRITE_BUFFER = 256 << 10
 
 
 # ------------------------------------------------------------------------------------------
@@ -511,7 +512,7 @@ class RateLimiter:
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.burst = max(rate * 0.1, 256 * 1024)
+        self.burst = max(rate * 0.1, 16 * 1024)
         self.level = self.burst
         self._stamp: float | None = None
 
@@ -789,6 +790,7 @@ class _Transfer:
     offset: int = 0
     reported: int = 0
     response: aiohttp.ClientResponse | None = None
+    sink: _Sink | None = None
     abort_reason: str | None = None
 
 
@@ -1346,6 +1348,7 @@ class Fetcher:
             etag = resp.headers.get("ETag")
             spill = self.options.memory_limit
             sink = _Sink(paths, offset, spill, etag)
+            transfer.sink = sink
             transfer.offset = offset
             await self._stream(resp, sink, transfer, paths, item)
             resp.release()
@@ -1530,12 +1533,24 @@ class Fetcher:
                 self.store.flush()
 
     def _record_progress(self) -> None:
+        """Flush the ``.part`` of each streaming body and record its length in the state.
+
+        Flushing first makes the recorded count true on disk, and bounds what a kill -9 can
+        lose of a partial body to one tick of data.
+        """
         for transfer in self._transfers.values():
+            sink = transfer.sink
+            if sink is None or sink.fh is None:
+                continue
             total = transfer.offset + transfer.received
-            on_disk = transfer.offset > 0 or transfer.received > self.options.memory_limit
-            if total != transfer.reported and on_disk:
-                transfer.reported = total
-                self.store.record_progress(transfer.uri, total)
+            if total == transfer.reported:
+                continue
+            try:
+                sink.fh.flush()
+            except OSError:
+                continue  # the write path reports it
+            transfer.reported = total
+            self.store.record_progress(transfer.uri, total)
 
 
 # ------------------------------------------------------------------------------------------
