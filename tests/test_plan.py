@@ -8,6 +8,7 @@ every sector that exists is found, whatever its number.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,16 +16,20 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from bulkfetch.errors import UsageError
+from bulkfetch.errors import ArchiveError, UsageError
 from bulkfetch.plan import (
     PRODUCT_KINDS,
     PlanSummary,
     Selection,
+    column_names,
+    discover_sectors,
+    dv_run,
     export_plan,
     parse_key_values,
     parse_kinds,
     parse_sectors,
     parse_targets,
+    plan,
     plan_curl_scripts,
     plan_table,
     product_from_filename,
@@ -315,3 +320,344 @@ def test_summary_json_free_of_numpy(tmp_path: Path) -> None:
         assert isinstance(rec.extra["calib_level"], int)
     values = sorted((r.extra["score"] is None) for r in _rows(store).values())
     assert values == [False, True]
+
+
+# ------------------------------------------------------------------------------------------------
+# planning by query, against the simulated archive
+# ------------------------------------------------------------------------------------------------
+
+FAST = {"retries": 2, "backoff": 0.01}
+
+
+def astroquery_products(
+    sectors: list[int],
+    subgroups: list[str],
+    *,
+    criteria: dict | None = None,
+    filters: dict | None = None,
+    targets: list[str] | None = None,
+) -> dict[str, tuple[str, str, int, int]]:
+    """What plain astroquery returns for a selection: {dataURI: (obs_id, file, size, sector)}.
+
+    The sequential loop a user would write: query_criteria per sector, get_product_list,
+    filter_products, first occurrence of each dataURI wins.
+    """
+    from astroquery.mast import Observations
+
+    out: dict[str, tuple[str, str, int, int]] = {}
+    for sector in sectors:
+        crit = {
+            "obs_collection": "TESS",
+            "dataproduct_type": "timeseries",
+            "sequence_number": sector,
+            **(criteria or {}),
+        }
+        if targets:
+            crit["target_name"] = targets
+        obs = Observations.query_criteria(**crit)
+        if len(obs) == 0:
+            continue
+        products = Observations.get_product_list(obs)
+        products = Observations.filter_products(
+            products, productSubGroupDescription=subgroups, **(filters or {})
+        )
+        for row in products:
+            out.setdefault(
+                str(row["dataURI"]),
+                (str(row["obs_id"]), str(row["productFilename"]), int(row["size"]), sector),
+            )
+    return out
+
+
+def assert_rows_match(store, expected: dict[str, tuple[str, str, int, int]]) -> None:
+    rows = _rows(store)
+    assert set(rows) == set(expected)
+    for uri, (obs_id, name, size, sector) in expected.items():
+        rec = rows[uri]
+        assert (rec.obs_id, rec.product_filename, rec.size, rec.sector) == (
+            obs_id,
+            name,
+            size,
+            sector,
+        )
+        assert rec.local_path == f"mastDownload/TESS/{obs_id}/{name}"
+
+
+def test_discovery_finds_every_sector_including_1751(astroquery_mast) -> None:
+    sim = astroquery_mast(n_sectors=5)
+    found = discover_sectors(sim.url)
+    assert found == sim.config.sector_numbers()
+    assert 1751 in found and 5 not in found
+
+
+def test_plan_equals_astroquery_and_urls_serve_the_files(astroquery_mast, tmp_path: Path) -> None:
+    import requests
+
+    sim = astroquery_mast(dv_fraction=0.3, fast_fraction=0.3)
+    store = open_store(tmp_path)
+    kinds = ["lc", "tp", "fast-lc", "dv"]
+    # a small batch size forces several get_product_list batches per sector
+    summary = plan(
+        store, tmp_path, Selection(kinds=kinds), server=sim.url, batch_size=7, workers=3, **FAST
+    )
+    sectors = sim.config.sector_numbers()
+    expected = astroquery_products(sectors, Selection(kinds=kinds).subgroups())
+    assert_rows_match(store, expected)
+    assert summary.new_files == len(expected) == summary.files
+    assert summary.total_bytes == sum(v[2] for v in expected.values())
+    assert set(summary.per_sector) == set(sectors)
+    assert summary.per_sector[1751][0] == sum(1 for v in expected.values() if v[3] == 1751)
+    assert {r.kind for r in _rows(store).values()} >= {"LC", "TP", "FAST-LC", "DVT", "DVR"}
+    # The stored URL serves exactly the archive's bytes for that product.
+    for rec in list(_rows(store).values())[:3]:
+        body = requests.get(rec.url, timeout=30).content
+        truth = sim.truth(rec.uri)
+        assert len(body) == truth["size"] == rec.size
+        assert hashlib.sha256(body).hexdigest() == truth["sha256"]
+        assert rec.url == sim.download_url(rec.uri)
+
+
+def test_local_paths_are_where_astroquery_puts_files(astroquery_mast, tmp_path: Path) -> None:
+    from astroquery.mast import Observations
+
+    sim = astroquery_mast(dv_fraction=0.5)
+    store = open_store(tmp_path / "job")
+    plan(store, tmp_path / "job", Selection(sectors=[2], kinds=["lc", "dv"]), server=sim.url)
+    obs = Observations.query_criteria(
+        obs_collection="TESS", dataproduct_type="timeseries", sequence_number=2
+    )
+    products = Observations.get_product_list(obs[:3])
+    products = Observations.filter_products(products, productSubGroupDescription=["LC", "DVT"])
+    manifest = Observations.download_products(
+        products, download_dir=str(tmp_path / "aq"), cache=False, verbose=False
+    )
+    rows = _rows(store)
+    for row, local in zip(products, manifest["Local Path"], strict=True):
+        relative = Path(local).resolve().relative_to((tmp_path / "aq").resolve())
+        assert rows[str(row["dataURI"])].local_path == relative.as_posix()
+
+
+def test_second_plan_sends_no_query_and_changes_nothing(astroquery_mast, tmp_path: Path) -> None:
+    sim = astroquery_mast()
+    store = open_store(tmp_path)
+    selection = Selection(kinds=["lc", "tp"])  # sectors discovered
+    first = plan(store, tmp_path, selection, server=sim.url)
+    before = _rows(store)
+    sim.reset_stats()
+    second = plan(store, tmp_path, Selection(kinds=["lc", "tp"]), server=sim.url)
+    assert sim.stats()["query_requests"] == 0
+    assert second.new_files == 0 and second.queried_sectors == []
+    assert second.files == first.files and second.per_sector == first.per_sector
+    assert _rows(store) == before
+
+
+def test_wider_selection_adds_only_what_is_new(astroquery_mast, tmp_path: Path) -> None:
+    sim = astroquery_mast()
+    store = open_store(tmp_path)
+    plan(store, tmp_path, Selection(sectors=[1], kinds=["lc"]), server=sim.url)
+    sim.reset_stats()
+    wider = plan(store, tmp_path, Selection(sectors=[1, 2], kinds=["lc"]), server=sim.url)
+    assert wider.queried_sectors == [2] and wider.skipped_sectors == [1]
+    one_sector_queries = sim.stats()["query_requests"]
+    sim.reset_stats()
+    more_kinds = plan(
+        store, tmp_path, Selection(sectors=[1, 2], kinds=["lc", "tp"]), server=sim.url
+    )
+    assert more_kinds.queried_sectors == [1, 2]
+    assert sim.stats()["query_requests"] <= 2 * one_sector_queries
+    lc = astroquery_products([1, 2], ["LC"])
+    tp = astroquery_products([1, 2], ["TP"])
+    assert wider.new_files == sum(1 for v in lc.values() if v[3] == 2)
+    assert more_kinds.new_files == len(tp)
+    assert_rows_match(store, {**lc, **tp})
+
+
+def test_failed_query_names_sector_keeps_earlier_sectors_rerun_continues(
+    astroquery_mast, tmp_path: Path
+) -> None:
+    sim = astroquery_mast()
+    store = open_store(tmp_path)
+    plan(store, tmp_path, Selection(sectors=[1, 2]), server=sim.url)
+    planned = _rows(store)
+    sim.set(query_fail_rate=1.0)
+    with pytest.raises(ArchiveError) as err:
+        plan(store, tmp_path, Selection(sectors=[1, 2, 3]), server=sim.url, **FAST)
+    message = str(err.value)
+    assert "sector 3" in message and "\n" not in message
+    assert _rows(store) == planned
+    sim.set(query_fail_rate=0.0)
+    again = plan(store, tmp_path, Selection(sectors=[1, 2, 3]), server=sim.url)
+    assert again.queried_sectors == [3]
+    assert_rows_match(store, astroquery_products([1, 2, 3], ["LC"]))
+
+
+def test_transient_query_failures_are_retried(astroquery_mast, tmp_path: Path) -> None:
+    sim = astroquery_mast(query_fail_rate=0.3, seed=3)
+    store = open_store(tmp_path)
+    plan(
+        store, tmp_path, Selection(kinds=["lc", "tp"]), server=sim.url, batch_size=5,
+        retries=10, backoff=0.01,
+    )  # fmt: skip
+    sim.set(query_fail_rate=0.0)
+    assert_rows_match(store, astroquery_products(sim.config.sector_numbers(), ["LC", "TP"]))
+
+
+def test_killed_plan_resumes_without_redoing_sectors(astroquery_mast, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    sim = astroquery_mast(query_latency=0.2, n_sectors=6)
+    sectors = sim.config.sector_numbers()
+    code = (
+        "import sys\n"
+        "from bulkfetch.plan import Selection, plan\n"
+        "from bulkfetch.store import open_store\n"
+        "root = sys.argv[1]\n"
+        f"plan(open_store(root), root, Selection(sectors={sectors!r}), server={sim.url!r},"
+        " workers=1)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 60
+        done_units: list[tuple[str, int]] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            with open_store(tmp_path) as peek:
+                done_units = peek.planned_units()
+            if done_units:
+                break
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert done_units, "the subprocess planned nothing before it was killed"
+    finished = {int(u.split("|")[0].split(":")[1]) for u, _ in done_units}
+    assert finished < set(sectors)
+    store = open_store(tmp_path)
+    resumed = plan(store, tmp_path, Selection(sectors=sectors), server=sim.url)
+    assert not finished & set(resumed.queried_sectors)
+    assert_rows_match(store, astroquery_products(sectors, ["LC"]))
+
+
+def test_criteria_filters_and_targets_match_astroquery(astroquery_mast, tmp_path: Path) -> None:
+    sim = astroquery_mast(fast_fraction=0.5)
+    kinds = ["lc", "fast-lc"]
+    subgroups = Selection(kinds=kinds).subgroups()
+    # criteria: only 2-min observations (t_exptime 120 s), filter: only the larger files
+    sizes = sorted(v[2] for v in astroquery_products([1], subgroups).values())
+    cut = sizes[len(sizes) // 2]
+    crit = {"t_exptime": [100.0, 200.0]}
+    filt = {"size": f">={cut}"}
+    store = open_store(tmp_path / "a")
+    sel = Selection(sectors=[1, 2], kinds=kinds, criteria=crit, filters=filt)
+    plan(store, tmp_path / "a", sel, server=sim.url)
+    expected = astroquery_products([1, 2], subgroups, criteria=crit, filters=filt)
+    assert expected and all(v[2] >= cut for v in expected.values())
+    assert not any(v[1].endswith("fast-lc.fits") for v in expected.values())
+    assert_rows_match(store, expected)
+    # targets: three TICs of sector 2, given the way users write them
+    tics = sorted({v[0].split("-")[2] for v in expected.values() if v[3] == 2})[:3]
+    store = open_store(tmp_path / "b")
+    sel = Selection(sectors=[1, 2], targets=parse_targets([f"TIC {t}" for t in tics]))
+    plan(store, tmp_path / "b", sel, server=sim.url)
+    expected = astroquery_products([1, 2], ["LC"], targets=[t.lstrip("0") for t in tics])
+    assert len({v[0] for v in expected.values()}) >= 3
+    assert_rows_match(store, expected)
+
+
+def test_unknown_names_suggest_close_ones(astroquery_mast, tmp_path: Path) -> None:
+    sim = astroquery_mast()
+    obs_cols, prod_cols = column_names(sim.url)
+    assert "t_exptime" in obs_cols and "productSubGroupDescription" in prod_cols
+    store = open_store(tmp_path)
+    with pytest.raises(UsageError, match="t_exptime"):
+        plan(store, tmp_path, Selection(sectors=[1], criteria={"t_exptim": [1, 2]}), server=sim.url)
+    with pytest.raises(UsageError, match="productType"):
+        plan(
+            store,
+            tmp_path,
+            Selection(sectors=[1], filters={"productTyp": "SCIENCE"}),
+            server=sim.url,
+        )
+    with pytest.raises(UsageError, match="MIN..MAX"):
+        plan(store, tmp_path, Selection(sectors=[1], criteria={"t_exptime": "120"}), server=sim.url)
+    assert _rows(store) == {}
+
+
+def test_latest_dv_only_keeps_the_newest_widest_run(astroquery_mast, tmp_path: Path) -> None:
+    sim = astroquery_mast(n_sectors=8, dv_fraction=0.5)
+    sectors = sim.config.sector_numbers()
+    every = astroquery_products(sectors, ["DVT", "DVR", "DVS", "DVM"])
+
+    def runs(names) -> dict[str, set[tuple[int, int]]]:
+        out: dict[str, set[tuple[int, int]]] = {}
+        for name in names:
+            run = dv_run(name)
+            if run and run[1] != run[2]:
+                out.setdefault(run[0], set()).add((run[1], run[2]))
+        return out
+
+    all_runs = runs(v[1] for v in every.values())
+    assert any(len(r) > 1 for r in all_runs.values()), "catalog has no superseded runs"
+    store = open_store(tmp_path)
+    plan(store, tmp_path, Selection(kinds=["dv"], latest_dv_only=True), server=sim.url)
+    kept = runs(r.product_filename for r in _rows(store).values())
+    assert set(kept) == set(all_runs)
+    for tic, options in all_runs.items():
+        newest = max(options, key=lambda r: (r[1], -r[0]))
+        assert kept[tic] == {newest}
+    # single-sector DV results all stay
+    single = {u for u, v in every.items() if (r := dv_run(v[1])) and r[1] == r[2]}
+    assert single <= set(_rows(store))
+
+
+def test_dry_run_counts_without_writing(astroquery_mast, tmp_path: Path) -> None:
+    sim = astroquery_mast()
+    store = open_store(tmp_path)
+    summary = plan(store, tmp_path, Selection(sectors=[1, 2]), server=sim.url, dry_run=True)
+    expected = astroquery_products([1, 2], ["LC"])
+    assert summary.files == len(expected)
+    assert summary.total_bytes == sum(v[2] for v in expected.values())
+    assert summary.needed_bytes == summary.total_bytes
+    assert summary.free_bytes and summary.free_bytes > 0
+    assert _rows(store) == {} and store.planned_units() == []
+    text = summary.format()
+    assert "Dry run" in text and f"{len(expected):,} files" in text
+
+
+def test_empty_selection_says_so_and_plans_nothing(astroquery_mast, tmp_path: Path) -> None:
+    sim = astroquery_mast()
+    store = open_store(tmp_path)
+    summary = plan(store, tmp_path, Selection(sectors=[1], targets=["1"]), server=sim.url)
+    assert summary.empty and "nothing matches" in summary.format()
+    assert _rows(store) == {}
+
+
+def test_unsafe_names_from_the_archive_are_refused(mast_sim, tmp_path: Path) -> None:
+    from bulkfetch.testing.catalog import CAT_2MIN, Catalog
+    from bulkfetch.testing.fixtures import default_config, use_simulator
+
+    class EvilCatalog(Catalog):
+        """Names the first 2-min light curve of every sector '../../evil_lc.fits'."""
+
+        def product_rows_json(self, key):
+            rows = super().product_rows_json(key)
+            if key[1] == CAT_2MIN and key[2] == 0:
+                row = json.loads(rows[0])
+                row["productFilename"] = "../../evil_lc.fits"
+                rows[0] = json.dumps(row)
+            return rows
+
+    config = default_config()
+    sim = mast_sim(config, catalog=EvilCatalog(config))
+    with use_simulator(sim):
+        store = open_store(tmp_path / "job")
+        summary = plan(store, tmp_path / "job", Selection(sectors=[1, 2]), server=sim.url)
+        expected = astroquery_products([1, 2], ["LC"])
+    evil = {u for u, v in expected.items() if v[1] == "../../evil_lc.fits"}
+    assert len(evil) == 2
+    assert summary.refused == 2 and "evil_lc.fits" in summary.format()
+    assert set(_rows(store)) == set(expected) - evil
+    assert not list(tmp_path.glob("**/evil*"))
