@@ -225,6 +225,31 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+
+class _Operation:
+    """``with store._op:`` one public store call: serialised, on an open store, and with any
+    sqlite3 error turned into a :class:`StateError` (a plain class, not @contextmanager: this
+    wraps every engine call, so it should cost next to nothing)."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> None:
+        self._store._mutex.acquire()
+        if self._store._closed:
+            self._store._mutex.release()
+            self._store._check_open()
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            if isinstance(exc, sqlite3.Error):
+                raise self._store._failed(exc) from exc
+        finally:
+            self._store._mutex.release()
+
+
 #: id, then ProductRecord's fields in declaration order (see _record).
 _RECORD_COLUMNS = (
     "id, uri, url, local_path, size, obs_collection, obs_id, product_filename, sector, kind, "
@@ -288,8 +313,10 @@ class SQLiteStore:
         create: bool = True,
         commit_every_ops: int = COMMIT_EVERY_OPS,
         commit_every_seconds: float = COMMIT_EVERY_SECONDS,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
     ) -> None:
         self.root = Path(root)
+        self.busy_timeout_ms = busy_timeout_ms
         self.commit_every_ops = commit_every_ops
         self.commit_every_seconds = commit_every_seconds
         self.path = db_path(root)
@@ -300,6 +327,7 @@ class SQLiteStore:
         self._progress: dict[str, int] = {}
         self._lock_fd: int | None = None
         self._closed = False
+        self._op = _Operation(self)
         self._conn = self._connect(create)
 
     # -- opening ----------------------------------------------------------------------------
@@ -319,12 +347,15 @@ class SQLiteStore:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, batching many calls per
             # transaction; check_same_thread=False: our own RLock serialises access instead.
             conn = sqlite3.connect(
-                str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
+                str(self.path),
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=self.busy_timeout_ms / 1000,
             )
         except sqlite3.Error as exc:
             raise StateError(f"cannot open the job state {self.path}: {exc}") from exc
         try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             # Bigger pages and a bounded 32 MiB cache: ~40% faster bulk inserts with long uri
             # keys (page_size only takes effect on a new, still empty DB, before WAL).
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
@@ -336,7 +367,6 @@ class SQLiteStore:
                     "is the directory on a network file system?"
                 )
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
             self._migrate(conn)
         except sqlite3.Error as exc:
             conn.close()
@@ -391,6 +421,22 @@ class SQLiteStore:
         if self._closed:
             raise StateError(f"the job state {self.path} is closed")
 
+    def _failed(self, exc: sqlite3.Error) -> StateError:
+        """Turn an SQLite failure mid-operation (disk full, I/O error, locked) into one line."""
+        self._in_tx = self._conn.in_transaction  # SQLite may have rolled the batch back itself
+        if not self._in_tx:
+            self._tx_ops = 0
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            hint = "another process is writing to it"
+        elif "full" in text:
+            hint = "the disk is full"
+        elif "readonly" in text:
+            hint = "check the directory's permissions"
+        else:
+            hint = "the file may be damaged; 'bulkfetch verify' can rebuild trust in the files"
+        return StateError(f"job state {self.path}: {text} ({hint})")
+
     def _begin(self) -> None:
         """Start the batch transaction if none is open (IMMEDIATE: take the write lock now)."""
         if not self._in_tx:
@@ -429,8 +475,7 @@ class SQLiteStore:
 
     def flush(self) -> None:
         """Commit whatever is batched."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._commit()
 
     def close(self) -> None:
@@ -440,6 +485,8 @@ class SQLiteStore:
                 return
             try:
                 self._commit()
+            except sqlite3.Error as exc:
+                raise self._failed(exc) from exc
             finally:
                 self._closed = True
                 self._conn.close()
@@ -537,8 +584,7 @@ class SQLiteStore:
         :class:`StateError` naming both uris, and nothing from the call is kept: silently
         keeping one of them would leave the user believing both products were downloaded.
         """
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._commit()
             before = self._conn.total_changes
             self._conn.execute("BEGIN IMMEDIATE")
@@ -593,15 +639,13 @@ class SQLiteStore:
 
     def is_unit_planned(self, unit: str) -> bool:
         """Whether a planning unit (e.g. ``"sector:1|lc"``) was completed before."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             hit = self._conn.execute("SELECT 1 FROM units WHERE unit = ?", (unit,)).fetchone()
             return hit is not None
 
     def mark_unit_planned(self, unit: str, rows: int) -> None:
         """Record that a planning unit finished, with how many rows it produced (committed)."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._begin()
             self._conn.execute(
                 "INSERT INTO units (unit, rows, planned_at) VALUES (?, ?, ?) "
@@ -613,8 +657,7 @@ class SQLiteStore:
 
     def planned_units(self) -> list[tuple[str, int]]:
         """Every completed planning unit with its row count, in name order."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             return [
                 (str(u), int(n))
                 for u, n in self._conn.execute("SELECT unit, rows FROM units ORDER BY unit")
@@ -622,15 +665,13 @@ class SQLiteStore:
 
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         """A job-wide setting (layout, selection, ...) recorded by ``set_meta``."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             hit = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
             return default if hit is None else str(hit[0])
 
     def set_meta(self, key: str, value: str) -> None:
         """Record a job-wide setting (committed)."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._begin()
             self._conn.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
@@ -645,8 +686,7 @@ class SQLiteStore:
 
         Attempts are not counted: a crash says nothing about the product.
         """
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._begin()
             cur = self._conn.execute(
                 "UPDATE products SET status = ? WHERE status = ?", (PENDING, ACTIVE)
@@ -665,8 +705,7 @@ class SQLiteStore:
         """
         if n <= 0:
             return []
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._begin()
             rows = self._conn.execute(
                 "SELECT id, uri, url, local_path, size, attempts, sha256 FROM products "
@@ -688,8 +727,7 @@ class SQLiteStore:
 
     def record_progress(self, uri: str, bytes_done: int) -> None:
         """Remember how many bytes of ``uri`` are on disk (batched, may be lost in a crash)."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             if not self._in_tx and not self._progress:
                 self._tx_started = time.monotonic()  # this report opens a new batch
             self._progress[uri] = int(bytes_done)
@@ -700,8 +738,7 @@ class SQLiteStore:
 
         An unknown expected size is filled in with the verified one so totals become exact.
         """
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._progress.pop(uri, None)
             self._begin()
             self._conn.execute(
@@ -716,8 +753,7 @@ class SQLiteStore:
 
         The message is kept either way, so ``status`` can say why a pending row is still pending.
         """
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._progress.pop(uri, None)
             self._begin()
             if retry:
@@ -736,8 +772,7 @@ class SQLiteStore:
 
     def release(self, uri: str) -> None:
         """Give a leased row back as pending without counting an attempt (interrupt, shutdown)."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             flushed = self._progress.pop(uri, None)
             self._begin()
             if flushed is not None:
@@ -759,8 +794,7 @@ class SQLiteStore:
         they belong to a running download. Committed before returning; returns how many rows
         changed.
         """
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._begin()
             before = self._conn.total_changes
             batch: list[tuple[Any, ...]] = []
@@ -787,8 +821,7 @@ class SQLiteStore:
     # -- reporting --------------------------------------------------------------------------
     def counts(self) -> dict[str, tuple[int, int]]:
         """Per status (every status present, zeros included): (rows, sum of expected sizes)."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._commit()
             out = {s: (0, 0) for s in STATUSES}
             for status, n, nbytes in self._conn.execute(
@@ -799,8 +832,7 @@ class SQLiteStore:
 
     def total(self) -> tuple[int, int]:
         """(rows, sum of expected sizes) over the whole job."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             n, nbytes = self._conn.execute(
                 "SELECT count(*), coalesce(sum(size), 0) FROM products"
             ).fetchone()
@@ -808,8 +840,7 @@ class SQLiteStore:
 
     def sector_summary(self) -> list[tuple[int | None, int, int]]:
         """Per sector, ascending (unknown sector last): (sector, rows, sum of expected sizes)."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             rows = self._conn.execute(
                 "SELECT sector, count(*), coalesce(sum(size), 0) FROM products GROUP BY sector "
                 "ORDER BY sector IS NULL, sector"
@@ -818,8 +849,7 @@ class SQLiteStore:
 
     def get_record(self, uri: str) -> ProductRecord | None:
         """One full row by uri, or ``None``."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._commit()
             row = self._conn.execute(
                 f"SELECT {_RECORD_COLUMNS} FROM products WHERE uri = ?", (uri,)
@@ -847,8 +877,7 @@ class SQLiteStore:
             )
         last = 0
         while True:
-            with self._mutex:
-                self._check_open()
+            with self._op:
                 self._commit()
                 params: tuple[Any, ...] = (last, batch) if status is None else (status, last, batch)
                 rows = self._conn.execute(sql, params).fetchall()
@@ -860,8 +889,7 @@ class SQLiteStore:
 
     def error_groups(self, limit: int = 20) -> list[tuple[str, int]]:
         """Error messages with how many ``error`` rows carry each, most frequent first."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._commit()
             rows = self._conn.execute(
                 "SELECT coalesce(message, ''), count(*) AS n FROM products WHERE status = ? "
@@ -872,8 +900,7 @@ class SQLiteStore:
 
     def integrity_check(self) -> str:
         """SQLite's own ``PRAGMA integrity_check`` verdict (``"ok"`` when healthy)."""
-        with self._mutex:
-            self._check_open()
+        with self._op:
             self._commit()
             return "; ".join(str(r[0]) for r in self._conn.execute("PRAGMA integrity_check"))
 

@@ -606,6 +606,31 @@ def test_lock_context_manager_and_close_release(tmp_path: Path) -> None:
         b.close()
 
 
+def test_sqlite_failures_surface_as_state_errors(tmp_path: Path) -> None:
+    rows = make_rows(3)
+    with open_store(tmp_path) as store:
+        store.add_products(rows)
+        items = store.claim(3)
+        store.flush()
+    store = SQLiteStore(tmp_path, busy_timeout_ms=50)
+    intruder = sqlite3.connect(db_path(tmp_path), isolation_level=None)
+    try:
+        intruder.execute("BEGIN IMMEDIATE")  # another writer holds the DB
+        with pytest.raises(StateError, match="locked.*another process is writing"):
+            store.finish(items[0].uri, 1, "a" * 64)
+        intruder.execute("ROLLBACK")
+        # the store recovers once the other writer is gone, and nothing half-done leaked
+        store.finish(items[1].uri, 1, "a" * 64)
+        store.flush()
+        assert other_connection_row(tmp_path, items[0].uri)["status"] == ACTIVE
+        assert other_connection_row(tmp_path, items[1].uri)["status"] == DONE
+    finally:
+        intruder.close()
+        store.close()
+    with pytest.raises(StateError, match="is closed"):
+        store.counts()
+
+
 # -- scale ----------------------------------------------------------------------------------
 
 
