@@ -307,9 +307,7 @@ OBS_COLUMNS: tuple[Column, ...] = (
         "Database identifier of the observation; pass it to get_product_list.",
         example="100000000",
     ),
-    Column(
-        "objID", "long", "long", "Object ID", "Internal object identifier.", example="200100000000"
-    ),
+    Column("objID", _S, "long", "Object ID", "Internal object identifier.", example="200100000000"),
 )
 
 PRODUCT_COLUMNS: tuple[Column, ...] = (
@@ -366,6 +364,25 @@ PRODUCT_COLUMNS: tuple[Column, ...] = (
     Column("calib_level", _I, "int", "Calibration Level", "Product calibration level."),
     Column("filters", _S, "char", "Filters", "Filters or bandpass used.", example="TESS"),
 )
+
+#: Added after objID by the positional services (Filtered.Position, Cone).
+DISTANCE_COLUMN = Column(
+    "distance",
+    _F,
+    "float",
+    'Distance (")',
+    "Angular separation between searched coordinates and center of observation.",
+    unit="arcsec",
+)
+#: Retired columns real MAST still lists in its column config, flagged "remove".
+_REMOVED_COLUMNS = (
+    ("obs_creator_name", "Creator"),
+    ("s_fov", "FOV"),
+    ("obs_release_date", "Release Date"),
+)
+#: Real MAST ends every row with a "_selected_": null column that astroquery drops.
+_SELECTED_FIELD = {"name": "_selected_", "type": "boolean"}
+_SELECTED_TAIL = ',"_selected_":null}'
 
 OBS_COLUMN_NAMES = tuple(c.name for c in OBS_COLUMNS)
 PRODUCT_COLUMN_NAMES = tuple(c.name for c in PRODUCT_COLUMNS)
@@ -591,6 +608,11 @@ def _template(columns: Iterable[Column], const: dict[str, Any], fmt: dict[str, s
     return "{" + ",".join(parts) + "}"
 
 
+def _obs_template(const: dict[str, Any]) -> str:
+    """Observation row template, ending with the ``_selected_`` column like real MAST's rows."""
+    return _template(OBS_COLUMNS, const, _OBS_VAR_FMT)[:-1] + _SELECTED_TAIL
+
+
 _OBS_VAR_FMT = {  # mapping placeholders: floats as repr (valid JSON), ints as %d
     "target_name": '"%(target_name)s"',
     "target_classification": '"%(target_classification)s"',
@@ -614,12 +636,15 @@ _PROD_VARS = (
     "size",
     "parent_obsid",
 )
-_PROD_VAR_FMT = {name: ("%d" if name == "size" else '"%s"') for name in _PROD_VARS}
+# obsID and parent_obsid are typed "string" in fields but sent as JSON numbers, like real MAST.
+_PROD_VAR_FMT = {
+    name: ("%d" if name in ("size", "obsID", "parent_obsid") else '"%s"') for name in _PROD_VARS
+}
 _KIND_SALT = {kind: _mix(i + 1000) for i, kind in enumerate(_KINDS)}
 assert _PROD_VARS == tuple(c.name for c in PRODUCT_COLUMNS if c.name in _PROD_VARS)
 
 
-def _prod_values(p: _Prod, obsid: str, proposal: str, prv: str) -> tuple[Any, ...]:
+def _prod_values(p: _Prod, obsid: int, proposal: str, prv: str) -> tuple[Any, ...]:
     """Values of the variable product columns, in :data:`_PROD_VARS` order."""
     return (obsid, p.obs_id, URI_PREFIX + p.filename, prv, proposal, p.filename, p.size, obsid)
 
@@ -997,7 +1022,7 @@ class Catalog:
     def _segment_template(self, si: int, cat: int) -> str:
         tmpl = self._seg_tmpl.get((si, cat))
         if tmpl is None:
-            tmpl = _template(OBS_COLUMNS, self._segment_const(si, cat), _OBS_VAR_FMT)
+            tmpl = _obs_template(self._segment_const(si, cat))
             self._seg_tmpl[(si, cat)] = tmpl
         return tmpl
 
@@ -1026,8 +1051,7 @@ class Catalog:
         g = self._target_of(key)
         tic = self.tic(g)
         h = self._target_hash(g)
-        ra = round(360.0 * _unit(h), 6)
-        dec = round(math.degrees(math.asin(2.0 * _unit(_mix(h)) - 1.0)), 6)
+        ra, dec = self._target_position(g)
         if cat == CAT_2MIN:
             obs_id = f"tess{sec.ts}-s{sec.number:04d}-{tic:016d}-{sec.scid:04d}-s"
             data_url = URI_PREFIX + obs_id + "_lc.fits"
@@ -1193,15 +1217,15 @@ class Catalog:
             has_datasum=p.has_datasum,
         )
 
-    def _product_context(self, key: Key) -> tuple[str, str, str]:
-        """(obsid text, proposal_id, prvversion) shared by all products of one observation."""
+    def _product_context(self, key: Key) -> tuple[int, str, str]:
+        """(obsid, proposal_id, prvversion) shared by all products of one observation."""
         si, cat, _ = key
         sec = self._sectors[si]
         if cat == CAT_MDV:
             proposal = "N/A"
         else:
             proposal = self._proposal(si, self._target_of(key))
-        return str(self.obsid_of(key)), proposal, sec.prvversion
+        return self.obsid_of(key), proposal, sec.prvversion
 
     def _proposal(self, si: int, g: int) -> str:
         return _PROPOSALS[(self._sector_target_hash(si, g) >> 13) % len(_PROPOSALS)]
@@ -1283,18 +1307,42 @@ class Catalog:
             cols = PRODUCT_COLUMNS
         else:
             return {}
-        out: dict[str, dict[str, Any]] = {}
-        for c in cols:
+        # Shaped like real MAST's: a hidden _selected_ column, vot.* keys, MJD in "unit", and
+        # a few retired columns flagged "remove" (astroquery's get_metadata skips those).
+        out: dict[str, dict[str, Any]] = {
+            "_selected_": {"text": "selected", "add": True, "type": "boolean", "hidden": True}
+        }
+        for order, c in enumerate(cols):
             entry: dict[str, Any] = {
                 "text": c.text,
+                "order": order,
                 "vot.datatype": c.vot_type,
+                "vot.arraysize": "*" if c.vot_type == "char" else None,
+                "vot.ID": c.name,
+                "vot.name": c.name,
                 "vot.description": c.description,
-                "unit": c.unit,
-                "example": c.example,
             }
+            if entry["vot.arraysize"] is None:
+                del entry["vot.arraysize"]
+            if c.unit == "MJD":
+                entry["unit"] = "MJD"
+                entry["vot.unit"] = "d"
+            elif c.unit:
+                entry["vot.unit"] = c.unit
             if c.separator:
                 entry["separator"] = c.separator
+            if c.example:
+                entry["example"] = c.example
             out[c.name] = entry
+        if cols is OBS_COLUMNS:
+            out["distance"] = {
+                "text": DISTANCE_COLUMN.text,
+                "vot.datatype": DISTANCE_COLUMN.vot_type,
+                "vot.unit": DISTANCE_COLUMN.unit,
+                "vot.description": DISTANCE_COLUMN.description,
+            }
+            for name, text in _REMOVED_COLUMNS:
+                out[name] = {"text": text, "remove": True}
         return out
 
     # ---------------------------------------------------------------- queries ----------------
@@ -1327,63 +1375,141 @@ class Catalog:
             return self._filtered(params, pagesize, page, as_json)
         if service == "Mast.Caom.Products":
             return self._product_list(params, pagesize, page, as_json)
+        if service == "Mast.Caom.Filtered.Position":
+            position = _parse_position(params.get("position"))
+            return self._filtered(params, pagesize, page, as_json, position)
+        if service == "Mast.Caom.Cone":
+            try:
+                position = (float(params["ra"]), float(params["dec"]), float(params["radius"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise QueryError("Mast.Caom.Cone needs numeric ra, dec and radius") from exc
+            _check_position(position)
+            return self._filtered({"columns": "*"}, pagesize, page, as_json, position)
         raise QueryError(f"Unknown service '{service}'")
 
     # Filtered ---------------------------------------------------------------------------------
 
-    def _filtered(self, params: dict, pagesize: int, page: int, as_json: bool) -> dict | bytes:
+    def _filtered(
+        self,
+        params: dict,
+        pagesize: int,
+        page: int,
+        as_json: bool,
+        position: tuple[float, float, float] | None = None,
+    ) -> dict | bytes:
+        """Mast.Caom.Filtered (and, with ``position``, Filtered.Position and Cone)."""
         columns = str(params.get("columns", "*")).strip()
         raw_filters = params.get("filters", [])
         if not isinstance(raw_filters, list):
             raise QueryError("filters must be a list")
         filters = [_Filter(f, _OBS_BY_LOWER) for f in raw_filters]
-        selection = self._select(filters)
+        selection = self._select(filters, position)
         total = selection.total()
         if columns.upper() == "COUNT_BIG(*)":
+            # Real MAST types the count as a string; astroquery converts it with astype(int).
             answer = {
                 "status": "COMPLETE",
                 "msg": "",
-                "fields": [{"name": "Column1", "type": "long"}],
+                "fields": [{"name": "Column1", "type": "string"}],
                 "data": [{"Column1": total}],
                 "paging": _paging(1, pagesize, 1, 1),
             }
             return json.dumps(answer).encode() if as_json else answer
+        all_columns = OBS_COLUMNS + ((DISTANCE_COLUMN,) if position else ())
         wanted = None
         if columns != "*":
+            by_lower = {c.name.lower(): c for c in all_columns}
             wanted = []
             for name in columns.split(","):
-                col = _OBS_BY_LOWER.get(name.strip().lower())
+                col = by_lower.get(name.strip().lower())
                 if col is None:
                     raise QueryError(f"Unknown column '{name.strip()}'")
                 wanted.append(col)
         keys = selection.page((page - 1) * pagesize, pagesize)
-        fields = [{"name": c.name, "type": c.field_type} for c in (wanted or OBS_COLUMNS)]
+        fields = [{"name": c.name, "type": c.field_type} for c in (wanted or all_columns)]
         paging = _paging(page, pagesize, len(keys), total)
         if wanted is not None:
             names = [c.name for c in wanted]
-            data = [{n: row[n] for n in names} for row in map(self.observation, keys)]
-        elif as_json:
-            return _json_answer(fields, [self.observation_json(k) for k in keys], paging)
-        else:
-            data = [self.observation(k) for k in keys]
-        answer = {"status": "COMPLETE", "msg": "", "fields": fields, "data": data, "paging": paging}
-        return json.dumps(answer).encode() if as_json else answer
+            data = [{n: row[n] for n in names} for row in self._obs_rows(keys, position)]
+            answer = {"status": "COMPLETE", "msg": "", "fields": fields, "data": data}
+            answer["paging"] = paging
+            return json.dumps(answer).encode() if as_json else answer
+        fields.append(_SELECTED_FIELD)
+        if as_json:
+            if position is None:
+                rows = [self.observation_json(k) for k in keys]
+            else:
+                rows = [
+                    self.observation_json(k)[: -len(_SELECTED_TAIL)]
+                    + f',"distance":{self._distance(k, position)!r}{_SELECTED_TAIL}'
+                    for k in keys
+                ]
+            return _json_answer(fields, rows, paging)
+        data = list(self._obs_rows(keys, position))
+        for row in data:
+            row["_selected_"] = None
+        return {"status": "COMPLETE", "msg": "", "fields": fields, "data": data, "paging": paging}
 
-    def _select(self, filters: list[_Filter]) -> _Selection:
+    def _obs_rows(
+        self, keys: list[Key], position: tuple[float, float, float] | None
+    ) -> Iterator[dict[str, Any]]:
+        for key in keys:
+            row = self.observation(key)
+            if position is not None:
+                row["distance"] = self._distance(key, position)
+            yield row
+
+    def _position_of(self, key: Key) -> tuple[float, float]:
+        """(s_ra, s_dec) of an observation: per target, or per FFI CCD."""
+        if key[1] == CAT_FFI:
+            v = self._obs_vars(key)
+            return v["s_ra"], v["s_dec"]
+        return self._target_position(self._target_of(key))
+
+    def _target_position(self, g: int) -> tuple[float, float]:
+        """Sky position of pool target g: uniform on the sphere, from the target's hash."""
+        h = self._target_hash(g)
+        ra = round(360.0 * _unit(h), 6)
+        dec = round(math.degrees(math.asin(2.0 * _unit(_mix(h)) - 1.0)), 6)
+        return ra, dec
+
+    def _distance(self, key: Key, position: tuple[float, float, float]) -> float:
+        """Separation from the searched position in arcsec (MAST's ``distance`` column)."""
+        ra, dec = self._position_of(key)
+        return round(_separation(ra, dec, position[0], position[1]) * 3600.0, 6)
+
+    def _cone_keys(self, position: tuple[float, float, float]) -> set[Key]:
+        """Observations within a cone. Scans the target pool (not the observations): O(pool)."""
+        ra0, dec0, radius = position
+        keys: set[Key] = set()
+        for g in range(self.pool_size):
+            ra, dec = self._target_position(g)
+            if _separation(ra, dec, ra0, dec0) <= radius:
+                keys.update(self.keys_of_tic(self.tic(g)))
+        for si in range(self.n_sectors):
+            for idx in range(FFI_PER_SECTOR):
+                ra, dec = self._position_of((si, CAT_FFI, idx))
+                if _separation(ra, dec, ra0, dec0) <= radius:
+                    keys.add((si, CAT_FFI, idx))
+        return keys
+
+    def _select(
+        self, filters: list[_Filter], position: tuple[float, float, float] | None = None
+    ) -> _Selection:
         """Turn filters into key ranges; only filters no fast path resolves are checked per row.
 
         A filter on a column that is constant within every (sector, category) segment
         (sequence_number, dataproduct_type, obs_collection, t_exptime, ...) prunes whole
-        segments. Exact target_name / obs_id / obsid values decode straight to keys. Anything
-        else is evaluated row by row over what is left (and the matches cached).
+        segments. Exact target_name / obs_id / obsid values decode straight to keys, and so
+        does a cone (through the target pool). Anything else is evaluated row by row over what
+        is left, and the matches are cached so paging through them does not rescan.
         """
-        segment_filters: list[_Filter] = []
         explicit: _Filter | None = None
         residual: list[_Filter] = []
         for f in filters:
             if f.column in self._always_const:
-                segment_filters.append(f)
-            elif explicit is None and f.exact_only and f.column in _EXPLICIT_COLUMNS:
+                continue  # resolved per segment below
+            if explicit is None and f.exact_only and f.column in _EXPLICIT_COLUMNS:
                 explicit = f
             else:
                 residual.append(f)
@@ -1397,17 +1523,23 @@ class Catalog:
                 # target_name filter can never match the 'TESS FFI' rows unless it names them).
                 if all(f.matches(const[f.column]) for f in filters if f.column in const):
                     allowed.append((si, cat))
-        if explicit is None:
+        if explicit is None and position is None:
             segments = [(si, cat, 0, self._counts[si][cat]) for si, cat in allowed]
-        else:
+            return _Selection(self, segments, residual)
+        ok = set(allowed)
+        chosen: set[Key] | None = None
+        if explicit is not None:
             keys, ffi = self._explicit_keys(explicit)
-            ok = set(allowed)
-            segments = [(k[0], k[1], k[2], k[2] + 1) for k in keys if k[:2] in ok]
+            chosen = set(keys)
             if ffi:
-                segments.extend(
-                    (si, cat, 0, FFI_PER_SECTOR) for si, cat in allowed if cat == CAT_FFI
+                chosen.update(
+                    (si, cat, i) for si, cat in ok if cat == CAT_FFI for i in range(FFI_PER_SECTOR)
                 )
-            segments.sort()
+        if position is not None:
+            cone = self._cone_keys(position)
+            chosen = cone if chosen is None else chosen & cone
+        assert chosen is not None
+        segments = sorted((k[0], k[1], k[2], k[2] + 1) for k in chosen if k[:2] in ok)
         return _Selection(self, segments, residual)
 
     def _explicit_keys(self, f: _Filter) -> tuple[list[Key], bool]:
@@ -1602,6 +1734,30 @@ def _json_answer(fields: list[dict[str, str]], rows: list[str], paging: dict[str
     head = json.dumps({"status": "COMPLETE", "msg": "", "fields": fields})[:-1]
     tail = json.dumps(paging)
     return f'{head},"data":[{",".join(rows)}],"paging":{tail}}}'.encode()
+
+
+def _parse_position(text: Any) -> tuple[float, float, float]:
+    """Parse astroquery's ``position`` parameter: "ra, dec, radius" in degrees."""
+    try:
+        ra, dec, radius = (float(x) for x in str(text).split(","))
+    except ValueError as exc:
+        raise QueryError(f"Malformed position {text!r}: expected 'ra, dec, radius'") from exc
+    position = (ra, dec, radius)
+    _check_position(position)
+    return position
+
+
+def _check_position(position: tuple[float, float, float]) -> None:
+    ra, dec, radius = position
+    if not (math.isfinite(ra) and -90.0 <= dec <= 90.0 and 0.0 <= radius <= 180.0):
+        raise QueryError(f"Position out of range: {position}")
+
+
+def _separation(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
+    """Angular separation in degrees (haversine: accurate at small separations)."""
+    r1, d1, r2, d2 = map(math.radians, (ra1, dec1, ra2, dec2))
+    h = math.sin((d2 - d1) / 2) ** 2 + math.cos(d1) * math.cos(d2) * math.sin((r2 - r1) / 2) ** 2
+    return math.degrees(2.0 * math.asin(min(1.0, math.sqrt(h))))
 
 
 def error_answer(msg: str) -> dict[str, Any]:
