@@ -331,9 +331,15 @@ class Job:
         progress: bool | str | Progress = "auto",
         manifest: bool = True,
         handle_signals: bool | None = None,
+        retry_errors: bool = True,
         **option_kwargs: Any,
     ) -> FetchResult:
         """Download every pending product; write the manifest at the end, whatever happens.
+
+        With ``retry_errors`` (the default) products that ended in error in an earlier run are
+        tried again with a fresh retry budget, as rerunning astroquery would: an archive outage
+        that outlasted the retries must not need manual repair. A permanent 404 costs one
+        request per run.
 
         ``options`` or keyword options (``concurrency=16, retries=5, ...``) configure the
         engine. ``progress`` is a :class:`Progress` or a mode for :func:`make_progress`.
@@ -358,6 +364,12 @@ class Job:
             handle_signals = threading.current_thread() is threading.main_thread()
         store = self.store
         store.acquire_lock()
+        try:
+            if retry_errors:
+                self._retry_errors()
+        except BaseException:
+            store.release_lock()
+            raise
         events = progress if isinstance(progress, Progress) else make_progress(progress)
         try:
             # We hold the lock already; the engine must not release it under our feet.
@@ -373,6 +385,19 @@ class Job:
             finally:
                 store.release_lock()
         return result
+
+    def _retry_errors(self) -> int:
+        """Return every ``error`` row to pending (keeping why it failed last time)."""
+        store = self.store
+        groups: dict[str, list[str]] = {}
+        for record in store.iter_records(status=ERROR):
+            groups.setdefault(record.message or "error", []).append(record.uri)
+        n = 0
+        for message, uris in groups.items():
+            n += store.reset(uris, message=f"retrying after an earlier error: {message}")
+        if n:
+            log.info("%d products that failed in an earlier run are tried again", n)
+        return n
 
     # -- reports ----------------------------------------------------------------------------
     def status(self, *, error_limit: int = 20) -> JobStatus:

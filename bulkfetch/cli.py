@@ -274,6 +274,11 @@ def _add_fetch_options(p: argparse.ArgumentParser) -> None:
         f"(default: adaptive {_fmt_default(d.get('adaptive', True))})",
     )
     g.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="do not retry products that ended in error in an earlier run (default: retry them)",
+    )
+    g.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bar or progress lines (default: a bar on a terminal, "
@@ -687,7 +692,7 @@ def _signal_exit(result: Any) -> int | None:
 def _do_fetch(args: argparse.Namespace, job: Any) -> int:
     """Run the fetch step of ``fetch``/``tess``, print one summary line, return the exit code."""
     options = _fetch_options(args)
-    result = job.fetch(options, progress=_progress_mode(args))
+    result = job.fetch(options, progress=_progress_mode(args), retry_errors=not args.skip_errors)
     if threading_is_main():
         # The engine's loop put SIGTERM back to the default on exit; keep the clean 143 path.
         signal.signal(signal.SIGTERM, _on_sigterm)

@@ -170,6 +170,13 @@ def test_errors_are_named_in_the_manifest(astroquery_mast, tmp_path):
             assert row["Status"] == "COMPLETE"
             assert sha256(row["Local Path"]) == sim.truth(row["dataURI"])["sha256"]
 
+    # the outage ends: calling again retries exactly the failed files, and they arrive
+    sim.set(missing_rate=0.0)
+    sim.reset_stats()
+    again = download_products(products, download_dir=str(tmp_path), **QUIET)
+    assert downloads(sim)[0] == len(missing)
+    assert_bytes_are_truth(sim, again)
+
 
 async def test_works_inside_a_running_event_loop(astroquery_mast, tmp_path):
     """A notebook cell: the loop is running, the call still blocks and returns the manifest."""

@@ -201,6 +201,12 @@ def test_errors_exit_1_named_in_manifest_and_status(tmp_path: Path) -> None:
         text = bulkfetch("status", d).stdout
         assert "errors by message" in text and "404" in text
 
+        # --skip-errors leaves them alone: no download request at all, still exit 1
+        requests_before = sim_get(url, "/_sim/stats")["requests"]
+        proc = bulkfetch("fetch", d, "--skip-errors", "--no-progress")
+        assert proc.returncode == 1
+        assert sim_get(url, "/_sim/stats")["requests"] == requests_before
+
         out = tmp_path / "copy.ecsv"
         proc = bulkfetch("manifest", d, "-o", str(out))
         assert proc.returncode == 0
