@@ -578,7 +578,9 @@ class SQLiteStore:
         """Insert rows whose uri is new; return how many were new. Existing rows are untouched.
 
         Rows go in with executemany in chunks of :data:`ADD_CHUNK`, all in one transaction, so a
-        call is atomic: either every new row is planned or (on error) none is.
+        call is atomic: either every new row is planned or (on error) none is. The write lock
+        is held while ``rows`` is consumed, so pass rows already fetched, not a generator that
+        waits on the network.
 
         A row whose ``local_path`` is already taken by a *different* uri is refused with
         :class:`StateError` naming both uris, and nothing from the call is kept: silently
