@@ -53,7 +53,7 @@ from .config import SimConfig
 #: Files of sectors up to this one lack the DATASUM keyword (CHECKSUM only), like early SPOC files.
 EARLY_SECTOR_MAX = 3
 #: Smallest FITS file the catalog ever lists, in 2880-byte blocks (headers of a few HDUs).
-MIN_FITS_BLOCKS = 16
+MIN_FITS_BLOCKS = 4
 FITS_BLOCK = 2880
 #: Smallest non-FITS file (PDF/XML) in bytes.
 MIN_OTHER_BYTES = 4096
