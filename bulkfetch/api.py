@@ -247,11 +247,12 @@ class Job:
 
     @property
     def server(self) -> str:
-        """The archive this job talks to: given, else the one it was planned against, else MAST."""
+        """The archive this job talks to: the one given, else the one it was planned against,
+        else wherever astroquery points (MAST unless its config file redirects it)."""
         if self._server:
             return self._server
         saved = self.store.get_meta(META_SERVER)
-        return saved or DEFAULT_MAST_URL
+        return saved or astroquery_server()
 
     def close(self) -> None:
         """Flush and close the job state. The Job can be used again (it reopens)."""
