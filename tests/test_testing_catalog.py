@@ -418,3 +418,44 @@ def test_cone_search_returns_nearby_observations_with_distances(astroquery_mast)
     )
     with_filter = Observations.query_criteria(coordinates=centre, radius=0.05, t_exptime=[100, 150])
     assert set(with_filter["t_exptime"]) == {120.0}
+
+
+def test_every_identifier_decodes_back_to_its_observation() -> None:
+    """The O(1) inversions (obsid, obs_id, TIC, dataURI) agree with a full enumeration."""
+    catalog = Catalog(config(sectors=(1, 2, 3, 9, 1751), targets_per_sector=30))
+    answer = catalog.invoke(
+        {
+            "service": "Mast.Caom.Filtered",
+            "params": {"columns": "*", "filters": [{"paramName": "project", "values": ["TESS"]}]},
+            "pagesize": 100000,
+        }
+    )
+    rows = answer["data"]
+    assert answer["paging"]["rowsFiltered"] == len(rows)
+    assert len({r["obs_id"] for r in rows}) == len(rows)
+    by_target: dict[str, set[int]] = defaultdict(set)
+    for row in rows:
+        key = catalog.key_of_obsid(row["obsid"])
+        assert key is not None and catalog.key_of_obs_id(row["obs_id"]) == key
+        if row["target_name"] != "TESS FFI":
+            by_target[row["target_name"]].add(row["obsid"])
+    for target, obsids in by_target.items():
+        keys = catalog.keys_of_tic(int(target))
+        assert {catalog.obsid_of(k) for k in keys} == obsids
+    ids = ",".join(str(r["obsid"]) for r in rows)
+    products = catalog.invoke({"service": "Mast.Caom.Products", "params": {"obsid": ids}})
+    uris = [p["dataURI"] for p in products["data"]]
+    assert len(set(uris)) == len(uris) == products["paging"]["rowsFiltered"]
+    assert {catalog.product(u).uri for u in uris} == set(uris)
+    assert sorted(uris) == sorted(p.uri for p in catalog.iter_products())
+    assert catalog.key_of_obsid(max(r["obsid"] for r in rows) + 1) is None
+    assert catalog.key_of_obs_id(rows[0]["obs_id"].replace("-s0001-", "-s0004-")) is None
+
+
+def test_query_latency_delays_every_query_call(astroquery_mast) -> None:
+    sim = astroquery_mast(config())
+    sector_obs(1)  # column config now cached: one invoke per query from here on
+    sim.set(query_latency=0.3)
+    started = time.perf_counter()
+    sector_obs(1)
+    assert time.perf_counter() - started >= 0.3

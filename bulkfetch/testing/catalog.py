@@ -67,7 +67,7 @@ FFI_PER_SECTOR = 16
 
 #: obsid = (si + 1) * SECTOR_SPAN + cat * CAT_SPAN + idx: decodable by integer division.
 CAT_SPAN = 10**7
-SECTOR_SPAN = N_CATS * CAT_SPAN * 10 // 4  # 10**8, leaves room between sectors
+SECTOR_SPAN = 10 * CAT_SPAN  # room for 10 categories per sector
 
 _MASK64 = (1 << 64) - 1
 _TIC_PRIME = 2**31 - 1  # TIC ids in 1 .. 2**31-1, as real TIC 8 ids (up to ~2.0e9)
@@ -390,21 +390,16 @@ _OBS_BY_LOWER = {c.name.lower(): c for c in OBS_COLUMNS}
 #: Columns whose exact values decode straight to observation keys.
 _EXPLICIT_COLUMNS = ("target_name", "obs_id", "obsid")
 
-#: Per product kind: (description, productType, productGroupDescription, suffix).
-_KINDS: dict[str, tuple[str, str, str | None, str]] = {
-    "LC": ("Light curves", "SCIENCE", "Minimum Recommended Products", "-s_lc.fits"),
-    "TP": ("Target pixel files", "SCIENCE", None, "-s_tp.fits"),
-    "FAST-LC": (
-        "Fast-cadence light curves",
-        "SCIENCE",
-        "Minimum Recommended Products",
-        "-a_fast-lc.fits",
-    ),
-    "FAST-TP": ("Fast-cadence target pixel files", "SCIENCE", None, "-a_fast-tp.fits"),
-    "DVT": ("Data validation time series", "AUXILIARY", None, "_dvt.fits"),
-    "DVR": ("Data validation full report", "INFO", None, "_dvr.pdf"),
-    "DVM": ("Data validation report (XML)", "INFO", None, "_dvr.xml"),
-    "DVS": ("TCE summary report", "INFO", None, "_dvs.pdf"),
+#: Per product kind: (description, productType, productGroupDescription).
+_KINDS: dict[str, tuple[str, str, str | None]] = {
+    "LC": ("Light curves", "SCIENCE", "Minimum Recommended Products"),
+    "TP": ("Target pixel files", "SCIENCE", None),
+    "FAST-LC": ("Fast-cadence light curves", "SCIENCE", "Minimum Recommended Products"),
+    "FAST-TP": ("Fast-cadence target pixel files", "SCIENCE", None),
+    "DVT": ("Data validation time series", "AUXILIARY", None),
+    "DVR": ("Data validation full report", "INFO", None),
+    "DVM": ("Data validation report (XML)", "INFO", None),
+    "DVS": ("TCE summary report", "INFO", None),
 }
 
 Key = tuple[int, int, int]
@@ -541,8 +536,7 @@ class _Filter:
                     pass
         free = entry.get("freeText")
         self.free = _like(str(free)) if free not in (None, "") else None
-        self.has_values = bool(self.exact or self.ranges)
-        if not self.has_values and self.free is None:
+        if not (self.exact or self.ranges) and self.free is None:
             raise QueryError(f"Filter '{name}' has no values")
 
     @property
@@ -608,9 +602,9 @@ def _template(columns: Iterable[Column], const: dict[str, Any], fmt: dict[str, s
     return "{" + ",".join(parts) + "}"
 
 
-def _obs_template(const: dict[str, Any]) -> str:
+def _obs_template(const: dict[str, Any], fmt: dict[str, str]) -> str:
     """Observation row template, ending with the ``_selected_`` column like real MAST's rows."""
-    return _template(OBS_COLUMNS, const, _OBS_VAR_FMT)[:-1] + _SELECTED_TAIL
+    return _template(OBS_COLUMNS, const, fmt)[:-1] + _SELECTED_TAIL
 
 
 _OBS_VAR_FMT = {  # mapping placeholders: floats as repr (valid JSON), ints as %d
@@ -625,6 +619,9 @@ _OBS_VAR_FMT = {  # mapping placeholders: floats as repr (valid JSON), ints as %
     "obsid": "%(obsid)d",
     "objID": "%(objID)d",
 }
+#: Variable columns of a target's observation, in column order (positional templates).
+_OBS_VARS = tuple(_OBS_VAR_FMT)
+_OBS_POS_FMT = {name: fmt.replace(f"%({name})", "%") for name, fmt in _OBS_VAR_FMT.items()}
 #: Variable product columns, in column order: product templates take them positionally.
 _PROD_VARS = (
     "obsID",
@@ -716,7 +713,8 @@ class Catalog:
         self._sector_salt = [_hash(self.seed, 9, s) for s in nums]
         self._sectors = [self._make_sector(i, s) for i, s in enumerate(nums)]
         self._mdv_ends = self._make_mdv_ends()
-        # counts[si][cat], and global prefix sums in key order (sector-major).
+        self._mdv_parts: dict[int, list[tuple[int, int]]] = {}
+        # Observations per (sector index, category): the whole archive is these ranges.
         self._counts = [
             [self._count(si, cat) for cat in range(N_CATS)] for si in range(self.n_sectors)
         ]
@@ -769,7 +767,6 @@ class Catalog:
         ends = set()
         if last >= 1:
             ends.add(last)
-            e = 0
             for e in _MDV_ENDS:
                 if e < last:
                     ends.add(e)
@@ -823,10 +820,16 @@ class Catalog:
         return ranges
 
     def _mdv_select(self, e: int, idx: int) -> int:
-        for lo, hi in self._mdv_pool_ranges(e):
-            c = self._dv.count(lo, hi)
+        """Pool index of run e's idx-th DV target (the run's (lo, below(lo), count) cached)."""
+        parts = self._mdv_parts.get(e)
+        if parts is None:
+            parts = [
+                (self._dv.below(lo), self._dv.count(lo, hi)) for lo, hi in self._mdv_pool_ranges(e)
+            ]
+            self._mdv_parts[e] = parts
+        for base, c in parts:
             if idx < c:
-                return self._dv.select(self._dv.below(lo) + idx)
+                return self._dv.select(base + idx)
             idx -= c
         raise IndexError(idx)
 
@@ -1022,7 +1025,12 @@ class Catalog:
     def _segment_template(self, si: int, cat: int) -> str:
         tmpl = self._seg_tmpl.get((si, cat))
         if tmpl is None:
-            tmpl = _obs_template(self._segment_const(si, cat))
+            const = self._segment_const(si, cat)
+            if cat == CAT_FFI:  # few rows, fewer variable columns: a mapping template
+                tmpl = _obs_template(const, _OBS_VAR_FMT)
+            else:  # the bulk of every answer: positional, in _OBS_VARS order
+                assert [c.name for c in OBS_COLUMNS if c.name not in const] == list(_OBS_VARS)
+                tmpl = _obs_template(const, _OBS_POS_FMT)
             self._seg_tmpl[(si, cat)] = tmpl
         return tmpl
 
@@ -1048,6 +1056,13 @@ class Catalog:
                 "obsid": obsid,
                 "objID": obsid + 200 * SECTOR_SPAN,
             }
+        return dict(zip(_OBS_VARS, self._obs_values(key), strict=True))
+
+    def _obs_values(self, key: Key) -> tuple[Any, ...]:
+        """Variable columns of a target's observation, in :data:`_OBS_VARS` order (not FFIs)."""
+        si, cat, _ = key
+        sec = self._sectors[si]
+        obsid = self.obsid_of(key)
         g = self._target_of(key)
         tic = self.tic(g)
         h = self._target_hash(g)
@@ -1061,19 +1076,18 @@ class Catalog:
         else:
             obs_id = self._dv_id(0, si, tic, self._mdv_ends[si])
             data_url = URI_PREFIX + obs_id + "_dvt.fits"
-        proposal = "N/A" if cat == CAT_MDV else self._proposal(si, g)
-        return {
-            "target_name": str(tic),
-            "target_classification": _CLASSIFICATIONS[h % len(_CLASSIFICATIONS)],
-            "obs_id": obs_id,
-            "s_ra": ra,
-            "s_dec": dec,
-            "proposal_id": proposal,
-            "s_region": f"CIRCLE ICRS {ra:.6f} {dec:.6f} 0.00138889",
-            "dataURL": data_url,
-            "obsid": obsid,
-            "objID": obsid + 200 * SECTOR_SPAN,
-        }
+        return (
+            str(tic),
+            _CLASSIFICATIONS[h % len(_CLASSIFICATIONS)],
+            obs_id,
+            ra,
+            dec,
+            "N/A" if cat == CAT_MDV else self._proposal(si, g),
+            f"CIRCLE ICRS {ra:.6f} {dec:.6f} 0.00138889",
+            data_url,
+            obsid,
+            obsid + 200 * SECTOR_SPAN,
+        )
 
     def observation(self, key: Key) -> dict[str, Any]:
         """One observation row as a dict, columns in MAST's order."""
@@ -1083,12 +1097,14 @@ class Catalog:
 
     def observation_json(self, key: Key) -> str:
         """The same row as :meth:`observation`, serialized straight from a template (fast)."""
-        return self._segment_template(key[0], key[1]) % self._obs_vars(key)
+        if key[1] == CAT_FFI:
+            return self._segment_template(key[0], key[1]) % self._obs_vars(key)
+        return self._segment_template(key[0], key[1]) % self._obs_values(key)
 
     # ---------------------------------------------------------------- products ---------------
 
     def _product_const(self, kind: str) -> dict[str, Any]:
-        desc, ptype, group, _ = _KINDS[kind]
+        desc, ptype, group = _KINDS[kind]
         return {
             "obs_collection": "TESS",
             "dataproduct_type": "timeseries",
