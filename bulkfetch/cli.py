@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any
@@ -480,17 +480,37 @@ def build_parser() -> argparse.ArgumentParser:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
+def _setup_logging(args: argparse.Namespace) -> Callable[[], None]:
+    """Log ``bulkfetch`` messages to stderr at the level the flags ask for.
+
+    Returns a function that puts the logger back as it was, so calling :func:`main` from
+    Python (tests, a wrapper script) leaves that program's logging alone afterwards.
+    """
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[bulkfetch] %(levelname)s: %(message)s"))
-    root = logging.getLogger("bulkfetch")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    # astroquery's INFO chatter ("Found cached file", "N of M products were duplicates") is
-    # noise at our scale.
-    logging.getLogger("astroquery").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    logger = logging.getLogger("bulkfetch")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+    def restore() -> None:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+
+    return restore
+
+
+def _quiet_astroquery(args: argparse.Namespace) -> None:
+    """Silence astroquery's INFO chatter ("N of M products were duplicates"): noise at our
+    scale. Its logger is astropy's own class, created when astroquery is imported, so this
+    runs just before planning rather than at start-up (a plain ``getLogger`` would break it).
+    """
+    from astroquery import log as aq_log
+
+    aq_log.setLevel("DEBUG" if args.debug else "WARNING")
 
 
 def _out(text: str) -> None:
@@ -651,6 +671,7 @@ def _do_plan(args: argparse.Namespace, job: Any) -> int:
             "--sectors/--targets/--criteria select what to query; they do not apply to "
             "--from-table or --from-curl-script"
         )
+    _quiet_astroquery(args)
     options = {
         "workers": args.plan_workers,
         "batch_size": args.batch_size,
@@ -818,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    _setup_logging(args)
+    restore_logging = _setup_logging(args)
     previous = None
     if threading_is_main():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -845,6 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        restore_logging()
 
 
 def threading_is_main() -> bool:

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 from astropy.table import Table
 
-from bulkfetch.cli import build_parser
+from bulkfetch.api import Job
+from bulkfetch.cli import build_parser, main
+from bulkfetch.errors import StateError
 from bulkfetch.manifest import ASTROQUERY_COLUMNS, NOT_YET_MESSAGE
 from bulkfetch.testing.mast import MastSimulator
 
@@ -121,29 +123,47 @@ def test_every_option_of_every_command_explains_its_default() -> None:
         assert flag in out.stdout
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["tess"],  # no DIR
-        ["tess", "d", "--sectors", "one"],
-        ["tess", "d", "--products", "movies"],
-        ["fetch", "d", "--max-rate", "fast"],
-        ["fetch", "d", "--concurrency", "0"],
-        ["plan", "d", "--sim-scale", "0.1"],  # needs --simulate
-        ["nosuchcommand"],
-    ],
-)
-def test_usage_errors_exit_2_with_one_line(args: list[str], tmp_path: Path) -> None:
-    proc = bulkfetch(*[str(tmp_path / a) if a == "d" else a for a in args])
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr
+USAGE_ERRORS = [
+    ["tess", "d", "--sectors", "one"],
+    ["tess", "d", "--products", "movies"],
+    ["fetch", "d", "--max-rate", "fast"],
+    ["fetch", "d", "--concurrency", "0"],
+    ["plan", "d", "--sim-scale", "0.1"],  # needs --simulate
+    ["plan", "d", "--simulate", "--mast-url", "http://127.0.0.1:9"],
+    ["tess", "d", "--from-table", "t.ecsv", "--sectors", "1"],
+    ["nosuchcommand"],
+    [],
+]
 
 
-def test_commands_on_an_unplanned_directory_fail_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("args", USAGE_ERRORS, ids=lambda a: " ".join(a) or "nothing")
+def test_usage_errors_exit_2_with_one_line(
+    args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [str(tmp_path / a) if a == "d" else a for a in args]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.strip()
+    assert not (tmp_path / "d").exists()
+
+
+def test_usage_error_exit_code_of_the_real_process(tmp_path: Path) -> None:
+    proc = bulkfetch("tess")  # no DIR
+    assert proc.returncode == 2 and "DIR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_commands_on_an_unplanned_directory_fail_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for command in ("fetch", "status", "verify", "manifest"):
-        proc = bulkfetch(command, str(tmp_path / "nothing"))
-        assert proc.returncode == 1
-        assert "run 'bulkfetch plan" in one_line_error(proc)
+        assert main([command, str(tmp_path / "nothing")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("bulkfetch: error:")
+        assert "run 'bulkfetch plan" in err
         assert not (tmp_path / "nothing").exists()
 
 
@@ -175,7 +195,9 @@ def test_tess_simulate_completes_and_rerun_downloads_nothing(tmp_path: Path) -> 
     assert status["files"]["done"] == len(manifest) and not status["running"]
 
 
-def test_errors_exit_1_named_in_manifest_and_status(tmp_path: Path) -> None:
+def test_errors_exit_1_named_in_manifest_and_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = str(tmp_path / "job")
     with simulator("--missing-rate", "0.3") as url:
         proc = bulkfetch(
@@ -198,7 +220,8 @@ def test_errors_exit_1_named_in_manifest_and_status(tmp_path: Path) -> None:
         assert status["files"]["error"] == len(errors)
         assert sum(g["count"] for g in status["error_groups"]) == len(errors)
         assert all("404" in g["message"] for g in status["error_groups"])
-        text = bulkfetch("status", d).stdout
+        assert main(["status", d]) == 0
+        text = capsys.readouterr().out
         assert "errors by message" in text and "404" in text
 
         # --skip-errors leaves them alone: no download request at all, still exit 1
@@ -208,24 +231,27 @@ def test_errors_exit_1_named_in_manifest_and_status(tmp_path: Path) -> None:
         assert sim_get(url, "/_sim/stats")["requests"] == requests_before
 
         out = tmp_path / "copy.ecsv"
-        proc = bulkfetch("manifest", d, "-o", str(out))
-        assert proc.returncode == 0
+        assert main(["manifest", d, "-o", str(out)]) == 0
+        assert str(out) in capsys.readouterr().out
         copy = Table.read(out)
         assert list(copy["dataURI"]) == list(manifest["dataURI"])
         assert list(copy["Status"]) == list(manifest["Status"])
 
 
-def _wait_running(d: str, proc: subprocess.Popen[str], min_done: int = 1) -> dict:
-    """Poll ``bulkfetch status --json`` until the fetch runs and has finished ``min_done``."""
+def _wait_running(d: str, proc: subprocess.Popen[str]) -> None:
+    """Poll the job state until the fetch runs, has published its concurrency and finished a
+    file (read-only, in this process: the fetch owns the directory)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        st = bulkfetch("status", d, "--json")
-        if st.returncode == 0:
-            doc = json.loads(st.stdout)
-            if doc["running"] and doc["files"]["done"] >= min_done and doc["concurrency"]:
-                return doc
-        time.sleep(0.2)
+        try:
+            with Job(d, create=False) as job:
+                st = job.status()
+        except StateError:  # not planned yet
+            st = None
+        if st is not None and st.running and st.concurrency and st.done_files >= 1:
+            return
+        time.sleep(0.1)
     raise AssertionError("the fetch never got going")
 
 
@@ -234,13 +260,16 @@ def test_interrupt_writes_manifest_and_rerun_resumes(
     sig: signal.Signals, code: int, tmp_path: Path
 ) -> None:
     d = str(tmp_path / "job")
-    # ~46 KB light curves at 40 KB/s per connection: about a second each
-    with simulator("--conn-bandwidth", "40000") as url:
+    # 12 light curves of ~19 KB at 8 KB/s per connection, 2 at a time: ~15 s if not stopped
+    with simulator("--targets", "12", "--conn-bandwidth", "8000") as url:
         proc = start("tess", d, "--mast-url", url, "--sectors", "1", "--concurrency", "2")
-        seen = _wait_running(d, proc)
-        assert 1 <= seen["concurrency"] <= 2 and seen["runner_pid"] == proc.pid
+        _wait_running(d, proc)
+        if sig == signal.SIGINT:  # the CLI's view of a running job
+            seen = json.loads(bulkfetch("status", d, "--json").stdout)
+            assert seen["running"] and seen["runner_pid"] == proc.pid
+            assert 1 <= seen["concurrency"] <= 2
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
         assert proc.returncode == code, err
         assert "Traceback" not in err and "rerun" in err.lower()
 
@@ -270,31 +299,33 @@ def test_interrupt_writes_manifest_and_rerun_resumes(
 def test_verify_finds_damage_and_fetch_repairs_it(tmp_path: Path) -> None:
     d = str(tmp_path / "job")
     with simulator() as url:
-        assert bulkfetch("plan", d, "--mast-url", url, "--sectors", "1", "-q").returncode == 0
-        assert bulkfetch("fetch", d, "--no-progress").returncode == 0
-        assert bulkfetch("verify", d).returncode == 0
+        proc = bulkfetch("tess", d, "--mast-url", url, "--sectors", "1", "--no-progress")
+        assert proc.returncode == 0, proc.stderr
         manifest = Table.read(Path(d) / "manifest.ecsv")
-        victim = manifest[0]
+        victim, gone = manifest[0], manifest[1]
         data = bytearray(Path(victim["Local Path"]).read_bytes())
         data[-100] ^= 0xFF  # one flipped byte, same size
         Path(victim["Local Path"]).write_bytes(bytes(data))
+        os.unlink(gone["Local Path"])
 
         proc = bulkfetch("verify", d)
         assert proc.returncode == 1
-        assert victim["dataURI"] in proc.stdout and "1 damaged" in proc.stdout
-        status = json.loads(bulkfetch("status", d, "--json").stdout)
-        assert status["files"]["pending"] == 1
+        assert "2 damaged" in proc.stdout
+        assert victim["dataURI"] in proc.stdout and gone["dataURI"] in proc.stdout
+        with Job(d, create=False) as job:
+            assert job.status().files["pending"] == 2
 
         stats0 = sim_get(url, "/_sim/stats")
         proc = bulkfetch("fetch", d, "--no-progress")
         assert proc.returncode == 0, proc.stderr
         stats1 = sim_get(url, "/_sim/stats")
-        assert stats1["per_uri"][victim["dataURI"]]["gets"] == (
-            stats0["per_uri"][victim["dataURI"]]["gets"] + 1
-        )
-        assert stats1["requests"] - stats0["requests"] == 1  # only the damaged file
-        assert sha256(victim["Local Path"]) == truth(url, victim["dataURI"])["sha256"]
-        assert bulkfetch("verify", d).returncode == 0
+        assert stats1["requests"] - stats0["requests"] == 2  # only the two bad files
+        for row in (victim, gone):
+            uri = row["dataURI"]
+            assert stats1["per_uri"][uri]["gets"] == stats0["per_uri"][uri]["gets"] + 1
+            assert sha256(row["Local Path"]) == truth(url, uri)["sha256"]
+        with Job(d, create=False) as job:
+            assert job.verify().ok and job.status().complete
 
 
 def test_plan_dry_run_export_and_from_table(tmp_path: Path) -> None:
