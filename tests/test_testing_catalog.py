@@ -443,7 +443,9 @@ def test_every_identifier_decodes_back_to_its_observation() -> None:
         keys = catalog.keys_of_tic(int(target))
         assert {catalog.obsid_of(k) for k in keys} == obsids
     ids = ",".join(str(r["obsid"]) for r in rows)
-    products = catalog.invoke({"service": "Mast.Caom.Products", "params": {"obsid": ids}})
+    request = {"service": "Mast.Caom.Products", "params": {"obsid": ids}}
+    products = catalog.invoke(request)
+    assert json.loads(catalog.invoke_json(request)) == products  # fast path == dict path
     uris = [p["dataURI"] for p in products["data"]]
     assert len(set(uris)) == len(uris) == products["paging"]["rowsFiltered"]
     assert {catalog.product(u).uri for u in uris} == set(uris)

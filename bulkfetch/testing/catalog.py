@@ -685,6 +685,7 @@ class Catalog:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.seed = int(config.seed)
+        self._scale = float(config.scale)  # catalog-shaping: fixed for the catalog's lifetime
         nums = config.sector_numbers()
         if not nums:
             raise ValueError("the catalog needs at least one sector")
@@ -1134,7 +1135,7 @@ class Catalog:
         ``h`` is the (sector, target) hash: the LC size jitters by +-10% with it, and the other
         kinds are multiples of it (TP 10-20x, 20-s files several times more) or independent.
         """
-        scale = self.config.scale
+        scale = self._scale
         u = _unit(((h ^ _KIND_SALT[kind] ^ extra) * 0xD6E8FEB86659FD93) & _MASK64)
         lc = 2_000_000 * scale * (0.9 + 0.2 * _unit(h))
         if kind == "LC":
@@ -1260,7 +1261,12 @@ class Catalog:
         """The same rows as :meth:`product_rows`, serialized from templates (fast)."""
         obsid, proposal, prv = self._product_context(key)
         tmpl = self._prod_tmpl
-        return [tmpl[p.kind] % _prod_values(p, obsid, proposal, prv) for p in self._products(key)]
+        # _prod_values inlined (this is the hot loop of every product list); the dict path
+        # uses _prod_values itself and a test holds the two answers equal.
+        return [
+            tmpl[kind] % (obsid, obs_id, URI_PREFIX + name, prv, proposal, name, size, obsid)
+            for kind, name, obs_id, size, _, _ in self._products(key)
+        ]
 
     _RE_PRODUCT = re.compile(
         r"(tess\d{13}-s\d{4}-\d{16}-\d{4}-(?:s|a_fast))(?:_lc|_tp|-lc|-tp)\.fits"
