@@ -21,6 +21,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BulkfetchError, UsageError
+from .progress import is_terminal
 from .sources import DEFAULT_MAST_URL
 
 log = logging.getLogger("bulkfetch")
@@ -685,7 +686,9 @@ def _do_plan(args: argparse.Namespace, job: Any) -> int:
         summary = job.plan(
             _selection(args),
             dry_run=args.dry_run,
-            progress=not (args.quiet or getattr(args, "no_progress", False)),
+            # the planner's per-sector bar only on a terminal; its log lines otherwise
+            progress=not (args.quiet or getattr(args, "no_progress", False))
+            and is_terminal(sys.stderr),
             **options,
         )
     if not args.quiet or args.dry_run:

@@ -24,16 +24,17 @@ from tqdm import tqdm
 
 log = logging.getLogger("bulkfetch")
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
 
 
 def format_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``: binary units, one decimal, for humans reading status lines."""
+    """``1500`` -> ``"1.5 kB"``: decimal units, one decimal, the same units the plan summary
+    and the engine's summary use, so the numbers a user compares agree."""
     value = float(n)
     for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
+        if abs(value) < 1000 or unit == _UNITS[-1]:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
+        value /= 1000
     raise AssertionError("unreachable")
 
 
@@ -164,7 +165,7 @@ class BarProgress(Progress):
             initial=self.done_bytes,
             unit="B",
             unit_scale=True,
-            unit_divisor=1024,
+            unit_divisor=1000,
             file=self._stream,
             mininterval=self._mininterval,
             dynamic_ncols=True,

@@ -80,7 +80,7 @@ def test_bar_is_one_bar_with_files_retries_errors_concurrency() -> None:
     assert "510/510 files" in final
     assert "retries=3 errors=1 conc=12" in final
     assert "100%" in final
-    assert re.search(r"\d+(\.\d+)?[kMG]?i?B/s", final), final
+    assert re.search(r"\d+(\.\d+)?[kMG]?B/s", final), final
 
 
 def test_make_progress_modes() -> None:
@@ -110,8 +110,9 @@ def test_auto_picks_the_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_formatting() -> None:
     assert format_bytes(0) == "0 B"
-    assert format_bytes(1536) == "1.5 KiB"
-    assert format_bytes(5 * 1024**3) == "5.0 GiB"
+    assert format_bytes(1500) == "1.5 kB"
+    assert format_bytes(5 * 1000**3) == "5.0 GB"
+    assert format_bytes(999) == "999 B"
     assert format_duration(3725) == "1h02m05s"
     assert format_duration(61) == "1m01s"
     assert format_duration(None) == "?"
