@@ -31,9 +31,10 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger("bulkfetch.bench")
 
@@ -163,7 +164,7 @@ class SimProcess:
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
-        self._session = requests.Session()
+        self._session_obj: requests.Session | None = None
 
     def __enter__(self) -> SimProcess:
         self.start()
@@ -212,13 +213,19 @@ class SimProcess:
             if line is None:
                 code = self.proc.wait()
                 raise RuntimeError(
-                    f"simulator exited with status {code} before serving; see {self.log_path}"
+                    f"simulator exited with status {code} before serving:\n{self._log_tail()}"
                 )
             line = line.strip()
             if line.startswith("http://") or line.startswith("https://"):
                 self.url = line.rstrip("/")
                 log.info("simulator at %s (%s)", self.url, " ".join(knob_flags(self.knobs)))
                 return self.url
+
+    def _log_tail(self, chars: int = 3000) -> str:
+        """The end of the simulator's stderr, for an error message that explains itself."""
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        return self.log_path.read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it does not go within a few seconds."""
@@ -232,6 +239,15 @@ class SimProcess:
             self.proc.wait()
 
     # -- introspection (not part of MAST) --------------------------------------------------------
+
+    @property
+    def _session(self) -> requests.Session:
+        # requests is imported lazily: worker subprocesses import this module and never need it.
+        if self._session_obj is None:
+            import requests
+
+            self._session_obj = requests.Session()
+        return self._session_obj
 
     def stats(self) -> dict[str, Any]:
         """Counters since the last reset: peak connections, status counts, bytes served ..."""
@@ -256,6 +272,8 @@ class SimProcess:
         def one(uri: str) -> tuple[str, str]:
             session = getattr(local, "session", None)
             if session is None:
+                import requests
+
                 session = local.session = requests.Session()
             resp = session.get(self.url + "/_sim/truth", params={"uri": uri}, timeout=60)
             resp.raise_for_status()
