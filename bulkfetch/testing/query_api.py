@@ -14,8 +14,10 @@ module adds what is about HTTP rather than data:
   (astroquery re-posts the identical body until it is no longer EXECUTING);
 * malformed requests get status ``ERROR`` with a message (astroquery: ``RemoteServiceError``).
 
-Building a 50,000-row page takes a fraction of a second of pure Python, so it runs in the
-loop's default thread pool: the event loop keeps serving downloads meanwhile.
+Building a 50,000-row page takes a fraction of a second of pure Python, so it runs in a
+dedicated one-thread pool: the event loop keeps serving downloads meanwhile, and a burst of
+concurrent queries queues there instead of occupying the loop's default pool, which the
+download server uses to generate bodies.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
@@ -79,9 +82,14 @@ class _QueryAPI:
         self.stats = stats
         self._calls = 0
         self._polls: OrderedDict[bytes, int] = OrderedDict()
-        # Catalog caches are plain dicts; answers are built in worker threads, one at a time
-        # per catalog, which also keeps a big query from starving the loop of the GIL twice.
+        # One worker: answers are CPU-bound Python (threads would only fight over the GIL).
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sim-query")
+        # The catalog's caches are plain dicts; guard them also against direct callers.
         self._lock = threading.Lock()
+
+    async def close(self, app: web.Application) -> None:
+        """on_cleanup hook: stop the worker thread with the server."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -157,7 +165,7 @@ class _QueryAPI:
             return web.json_response(answer)
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        payload, rows, failed = await loop.run_in_executor(None, self._answer, body)
+        payload, rows, failed = await loop.run_in_executor(self.executor, self._answer, body)
         self.stats.seconds += time.perf_counter() - started
         self.stats.rows += rows
         if failed:
@@ -196,3 +204,4 @@ def add_query_routes(app: web.Application, catalog: Catalog, config: SimConfig) 
     api = _QueryAPI(catalog, config, stats)
     app.router.add_post(INVOKE_PATH, api.invoke)
     app.router.add_post(COLUMNS_CONFIG_PATH, api.columnsconfig)
+    app.on_cleanup.append(api.close)
