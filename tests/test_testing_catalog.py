@@ -461,3 +461,15 @@ def test_query_latency_delays_every_query_call(astroquery_mast) -> None:
     started = time.perf_counter()
     sector_obs(1)
     assert time.perf_counter() - started >= 0.3
+
+
+def test_product_list_paged_equals_one_page(astroquery_mast, monkeypatch) -> None:
+    sim = astroquery_mast(config())
+    obs = sector_obs(1)
+    whole = Observations.get_product_list(obs)
+    monkeypatch.setattr(PortalAPI, "PAGESIZE", 5)  # astroquery's own page size knob
+    before = sim.stats()["query_requests"]
+    paged = Observations.get_product_list(obs)
+    assert sim.stats()["query_requests"] - before == -(-len(whole) // 5)
+    assert list(paged["dataURI"]) == list(whole["dataURI"])
+    assert list(paged["size"]) == list(whole["size"])
