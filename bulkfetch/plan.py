@@ -50,10 +50,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
-from astropy.table import Table, vstack
+from astropy.table import Table
 
 from .errors import ArchiveError, UnsafePathError, UsageError
-from .layout import relative_path
+from .layout import safe_component
 from .sources import DEFAULT_MAST_URL, download_url, normalize_server, point_astroquery_at
 from .store import DONE, JobStore, PlannedProduct
 
@@ -448,6 +448,21 @@ class _Astroquery:
     def call(self, what: str, fn: Callable[[ObservationsClass], T]) -> T:
         return _with_retries(lambda: fn(self.obs), what, retries=self.retries, backoff=self.backoff)
 
+    def warm_column_config(self, service: str, fetch_name: str | None = None) -> None:
+        """Fetch one column config into astroquery's per-process cache, if not there yet.
+
+        Every fresh thread would otherwise fetch the same config at its first query (the cache
+        is checked before any thread has filled it): one round trip wasted per thread. This
+        uses astroquery's private ``_get_col_config``; if a future astroquery lacks it, the
+        threads simply fetch the configs themselves as before.
+        """
+        portal = self.obs._portal_api_connection
+        cache = getattr(portal, "_column_configs", None)
+        fetch = getattr(portal, "_get_col_config", None)
+        if not isinstance(cache, dict) or fetch is None or cache.get(service):
+            return
+        self.call(f"column config {fetch_name or service}", lambda obs: fetch(service, fetch_name))
+
     def query_criteria(self, what: str, criteria: dict[str, Any]) -> Table:
         return self.call(what, lambda obs: obs.query_criteria(**criteria))
 
@@ -583,9 +598,26 @@ def sector_from_name(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def local_path(obs_collection: str, obs_id: str, product_filename: str, flat: bool) -> str:
+    """Where astroquery saves a product, relative to DIR; an unsafe component is refused.
+
+    The same result and checks as :func:`bulkfetch.layout.relative_path`, spelled as a string
+    join: it runs once per product, millions of times in a full plan, and building a
+    ``PurePosixPath`` each time costs ten times more than the checks themselves.
+    """
+    name = safe_component(product_filename, "productFilename")
+    if flat:
+        return name
+    collection = safe_component(obs_collection, "obs_collection")
+    return f"mastDownload/{collection}/{safe_component(obs_id, 'obs_id')}/{name}"
+
+
 @dataclass
 class _Refusals:
-    """Rows refused for an unsafe path or a clash, counted, with a few examples kept."""
+    """Rows refused for an unsafe path or a clash, counted, with a few examples kept.
+
+    Not shared between threads: each product batch has its own, merged by the main thread.
+    """
 
     count: int = 0
     examples: list[str] = field(default_factory=list)
@@ -595,6 +627,11 @@ class _Refusals:
         log.warning("%s", message)
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(message)
+
+    def merge(self, other: _Refusals) -> None:
+        self.count += other.count
+        room = max(0, MAX_EXAMPLES - len(self.examples))
+        self.examples.extend(other.examples[:room])
 
 
 def rows_from_table(
@@ -650,7 +687,7 @@ def rows_from_table(
         collection = "" if collections[i] is None else str(collections[i])
         obs_id = "" if obs_ids[i] is None else str(obs_ids[i])
         try:
-            path = relative_path(collection, obs_id, name, flat)
+            path = local_path(collection, obs_id, name, flat)
         except UnsafePathError as exc:
             refusals.add(f"{uri}: {exc}")
             continue
@@ -732,13 +769,9 @@ class LatestDV:
             if run is not None and run[1] > self.best.get(run[0], (-1, 0)):
                 self.best[run[0]] = run[1]
 
-    def filter(self, products: Table) -> Table:
-        """``products`` without the rows of runs that a newer or wider run supersedes."""
-        if len(products) == 0 or "productSubGroupDescription" not in products.colnames:
-            return products
-        subs = _values(products["productSubGroupDescription"])
-        names = _values(products["productFilename"])
-        runs = [self._run(sub, name) for sub, name in zip(subs, names, strict=True)]
+    def filter(self, rows: list[PlannedProduct]) -> list[PlannedProduct]:
+        """``rows`` without those of runs that a newer or wider run supersedes."""
+        runs = [self._run(r.kind, r.product_filename) for r in rows]
         local: dict[str, tuple[int, int]] = {}
         for run in runs:
             if run is not None and run[1] > local.get(run[0], (-1, 0)):
@@ -751,17 +784,16 @@ class LatestDV:
             else:
                 winner[tic] = key
                 self.best[tic] = key
-        keep = np.array([run is None or winner[run[0]] == run[1] for run in runs], dtype=bool)
-        dropped = int((~keep).sum())
+        kept = [
+            row
+            for row, run in zip(rows, runs, strict=True)
+            if run is None or winner[run[0]] == run[1]
+        ]
+        dropped = len(rows) - len(kept)
         if dropped:
             self.dropped += dropped
             log.info("latest DV only: dropped %d products of older DV runs", dropped)
-        return products[keep]
-
-
-def latest_dv_filter(products: Table) -> Table:
-    """One table without the products of obsolete multi-sector DV runs (see :class:`LatestDV`)."""
-    return LatestDV().filter(products)
+        return kept
 
 
 # ------------------------------------------------------------------------------------------------
@@ -903,8 +935,8 @@ class _SectorJob:
     kinds: list[str]
     order: int
     obs_futures: list[Future[list[str]]] = field(default_factory=list)
-    batch_futures: list[Future[Table]] = field(default_factory=list)
-    products: Table | None = None  # set once every batch answered; waits for its turn
+    batch_futures: list[Future[_Batch]] = field(default_factory=list)
+    rows: list[PlannedProduct] | None = None  # set once every batch answered; waits its turn
 
 
 def _obs_criteria(selection: Selection, sector: int) -> list[dict[str, Any]]:
@@ -950,25 +982,48 @@ def _query_obsids(
     return ask(None)
 
 
+@dataclass
+class _Batch:
+    """What one product-list batch yields: rows ready for the store, and refusals."""
+
+    rows: list[PlannedProduct]
+    refusals: _Refusals
+
+
 def _product_batch(
-    aq: _Astroquery, what: str, obsids: list[str], subgroups: list[str], filters: dict[str, Any]
-) -> Table:
-    """``get_product_list`` for one batch, filtered in the worker so only wanted rows travel."""
+    aq: _Astroquery,
+    what: str,
+    obsids: list[str],
+    selection: Selection,
+    subgroups: list[str],
+    *,
+    sector: int,
+    server: str,
+) -> _Batch:
+    """``get_product_list`` for one batch, filtered and turned into rows in the worker.
+
+    Doing the filtering and the conversion here, not in the thread that writes the store,
+    keeps only wanted rows alive and spreads the per-row work over the pool.
+    """
     products = aq.product_list(what, obsids)
+    refusals = _Refusals()
     if len(products) == 0:
-        return products
+        return _Batch([], refusals)
     obs = aq.obs
     try:
         products = obs.filter_products(products, productSubGroupDescription=subgroups)
-        if filters:
-            products = obs.filter_products(products, **filters)
+        if selection.filters:
+            products = obs.filter_products(products, **selection.filters)
     except Exception as exc:
         from astroquery.exceptions import InvalidQueryError
 
         if isinstance(exc, InvalidQueryError):
             raise UsageError(f"{what}: {exc}") from exc
         raise
-    return products
+    rows = rows_from_table(
+        products, server=server, flat=selection.flat, refusals=refusals, sector=sector
+    )
+    return _Batch(rows, refusals)
 
 
 def plan(
@@ -977,7 +1032,7 @@ def plan(
     selection: Selection,
     *,
     server: str = DEFAULT_MAST_URL,
-    workers: int = 4,
+    workers: int = 8,
     batch_size: int = 300,
     retries: int = 4,
     backoff: float = 1.0,
@@ -1119,6 +1174,19 @@ def _run_sectors(
     bar = tqdm(total=len(todo), unit="sector", desc="plan", disable=not progress, leave=True)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bulkfetch-plan")
 
+    # query_criteria and get_product_list each need a column config first: fetch both now, in
+    # parallel, instead of once per thread (see _Astroquery.warm_column_config).
+    for fut in [
+        pool.submit(aq.warm_column_config, "Mast.Caom.Filtered", "Mast.Caom.Cone"),
+        pool.submit(aq.warm_column_config, "Mast.Caom.Products"),
+    ]:
+        try:
+            fut.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+            raise
+
     def start_next() -> None:
         sector, kinds = pending.pop()
         job = _SectorJob(sector=sector, kinds=kinds, order=len(todo) - len(pending) - 1)
@@ -1143,40 +1211,42 @@ def _run_sectors(
         for b in range(nb):
             chunk = obsids[b * batch_size : (b + 1) * batch_size]
             what = f"sector {job.sector}: get_product_list batch {b + 1}/{nb}"
-            fut = pool.submit(_product_batch, aq, what, chunk, subgroups, selection.filters)
+            fut = pool.submit(
+                _product_batch, aq, what, chunk, selection, subgroups,
+                sector=job.sector, server=server,
+            )  # fmt: skip
             job.batch_futures.append(fut)
             inflight[fut] = job
         if nb == 0:
-            job.products = Table()
+            job.rows = []
 
     def batches_done(job: _SectorJob) -> None:
-        """Every batch of ``job`` answered: one table of its products, waiting for its turn."""
-        tables = [t for t in (f.result() for f in job.batch_futures) if len(t)]
+        """Every batch of ``job`` answered: its rows, deduped (first wins), wait their turn."""
+        rows: list[PlannedProduct] = []
+        seen: set[str] = set()
+        paths: dict[str, str] = {}
+        for fut in job.batch_futures:
+            batch = fut.result()
+            refusals.merge(batch.refusals)
+            for row in batch.rows:
+                if row.uri in seen:
+                    continue
+                seen.add(row.uri)
+                other = paths.setdefault(row.local_path, row.uri)
+                if other != row.uri:
+                    refusals.add(f"{row.uri}: would be saved as {row.local_path} like {other}")
+                    continue
+                rows.append(row)
         job.batch_futures = []
-        if len(tables) > 1:
-            job.products = vstack(tables, metadata_conflicts="silent")
-        else:
-            job.products = tables[0] if tables else Table()
+        job.rows = rows
 
     def commit(job: _SectorJob) -> None:
-        """Dedupe, write the sector's rows, then mark its units planned."""
+        """Write the sector's rows, then mark its units planned."""
         nonlocal planned_bytes
-        products = job.products if job.products is not None else Table()
-        job.products = None
-        if latest is not None and len(products):
-            products = latest.filter(products)
-        rows = (
-            rows_from_table(
-                products,
-                server=server,
-                flat=selection.flat,
-                refusals=refusals,
-                sector=job.sector,
-            )  # fmt: skip
-            if len(products)
-            else []
-        )
-        del products
+        rows = job.rows or []
+        job.rows = None
+        if latest is not None:
+            rows = latest.filter(rows)
         per_kind: dict[str, tuple[int, int]] = {k: (0, 0) for k in job.kinds}
         kind_of = {sub: k for k in job.kinds for sub in PRODUCT_KINDS[k]}
         for row in rows:
@@ -1215,7 +1285,7 @@ def _run_sectors(
                         obs_done(job)
                     elif job.batch_futures and not any(f in inflight for f in job.batch_futures):
                         batches_done(job)
-            while next_commit in jobs and jobs[next_commit].products is not None:
+            while next_commit in jobs and jobs[next_commit].rows is not None:
                 commit(jobs.pop(next_commit))
                 next_commit += 1
             if not inflight and jobs and next_commit not in jobs:  # pragma: no cover - a bug
@@ -1468,7 +1538,7 @@ def plan_curl_scripts(
             obs_id, kind = product_from_filename(name)
             collection = uri.split(":", 1)[1].split("/", 1)[0] if ":" in uri else "TESS"
             try:
-                local = relative_path(collection, obs_id, name, flat)
+                local = local_path(collection, obs_id, name, flat)
             except UnsafePathError as exc:
                 refusals.add(f"{script}: {uri}: {exc}")
                 continue

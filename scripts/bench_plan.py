@@ -64,11 +64,13 @@ def sequential_loop(server: str, sectors: list[int]) -> tuple[float, dict[str, t
                 continue
             products = Observations.get_product_list(obs)
             products = Observations.filter_products(products, productSubGroupDescription="LC")
+            # .tolist(): iterating masked columns element by element would time the loop
+            # body, not astroquery
             for uri, obs_id, name, size in zip(
-                products["dataURI"],
-                products["obs_id"],
-                products["productFilename"],
-                products["size"],
+                products["dataURI"].tolist(),
+                products["obs_id"].tolist(),
+                products["productFilename"].tolist(),
+                products["size"].tolist(),
                 strict=True,
             ):
                 rows.setdefault(str(uri), (str(obs_id), str(name), int(size)))
