@@ -611,6 +611,12 @@ def _server(args: argparse.Namespace, directory: str | None) -> Iterator[str | N
         if db_path(directory).exists():
             store = open_store(directory, create=False)
             saved = json.loads(store.get_meta(META_SIMULATE) or "{}")
+            if not saved and store.total()[0]:
+                store.close()
+                raise UsageError(
+                    f"{directory} holds a job planned against a real archive; --simulate "
+                    "needs a directory of its own"
+                )
     shape = {k: saved.get(k, v) for k, v in SIM_DEFAULTS.items()}
     for key in SIM_DEFAULTS:
         value = getattr(args, f"sim_{key}", None)
