@@ -475,7 +475,7 @@ def test_wider_selection_adds_only_what_is_new(astroquery_mast, tmp_path: Path) 
 def test_failed_query_names_sector_keeps_earlier_sectors_rerun_continues(
     astroquery_mast, tmp_path: Path
 ) -> None:
-    sim = astroquery_mast()
+    sim = astroquery_mast(retry_after=0)  # 503s say "Retry-After: 0": keep the test fast
     store = open_store(tmp_path)
     plan(store, tmp_path, Selection(sectors=[1, 2]), server=sim.url)
     planned = _rows(store)
@@ -491,13 +491,16 @@ def test_failed_query_names_sector_keeps_earlier_sectors_rerun_continues(
     assert_rows_match(store, astroquery_products([1, 2, 3], ["LC"]))
 
 
-def test_transient_query_failures_are_retried(astroquery_mast, tmp_path: Path) -> None:
-    sim = astroquery_mast(query_fail_rate=0.3, seed=3)
+def test_transient_query_failures_are_retried(astroquery_mast, tmp_path: Path, caplog) -> None:
+    sim = astroquery_mast(query_fail_rate=0.3, seed=3, retry_after=0)
     store = open_store(tmp_path)
+    caplog.set_level("WARNING", logger="bulkfetch")
     plan(
         store, tmp_path, Selection(kinds=["lc", "tp"]), server=sim.url, batch_size=5,
         retries=10, backoff=0.01,
     )  # fmt: skip
+    retried = [r for r in caplog.records if "retry" in r.getMessage()]
+    assert retried, "no query failed: the test would prove nothing"
     sim.set(query_fail_rate=0.0)
     assert_rows_match(store, astroquery_products(sim.config.sector_numbers(), ["LC", "TP"]))
 
