@@ -363,3 +363,27 @@ def test_columns_lists_observation_and_product_columns() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "sequence_number" in proc.stdout and "productSubGroupDescription" in proc.stdout
     assert "SIMULATED" in proc.stderr
+
+
+def test_simulate_refuses_a_directory_of_a_real_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bulkfetch.store import PlannedProduct, open_store
+
+    uri = "mast:TESS/product/x_lc.fits"
+    with open_store(tmp_path) as store:
+        store.add_products(
+            [
+                PlannedProduct(
+                    uri=uri,
+                    url="https://mast.stsci.edu/api/v0.1/Download/file?uri=" + uri,
+                    local_path="mastDownload/TESS/x/x_lc.fits",
+                    size=2880,
+                    obs_collection="TESS",
+                    obs_id="x",
+                    product_filename="x_lc.fits",
+                )
+            ]
+        )
+    assert main(["fetch", str(tmp_path), "--simulate", "--no-progress"]) == 2
+    assert "real archive" in capsys.readouterr().err
