@@ -7,10 +7,10 @@ What it owns, and why each piece is shaped the way it is:
 * **Work comes from the job state in batches** (:meth:`JobStore.claim`), never as a list of every
   file, so memory does not grow with the size of the job. Only files that are failing right now
   (waiting for their backoff) are remembered in memory.
-* **Adaptive concurrency (AIMD)**: a 429/503 halves the number of simultaneous downloads (once
-  per congestion event: only a request *started after* the last cut can cut again, the way TCP
-  cuts once per round trip), and each ``limit`` saturated successes add one back. An archive
-  that rate-limits is therefore not hammered, and one that recovers gets the speed back.
+* **Adaptive concurrency (AIMD)**: a 429/503 cuts the number of simultaneous downloads to 3/4
+  (once per congestion event: only a request *started after* the last cut can cut again, the
+  way TCP cuts once per round trip), and each ``limit`` saturated successes add one back. An
+  archive that rate-limits is therefore not hammered, and one that recovers gets the speed back.
 * **Retries** with exponential backoff and full jitter, never shorter than the server's
   ``Retry-After``. The state counts every attempt; the retry budget is per run, so re-running a
   job gives failing files a fresh chance.
@@ -87,9 +87,14 @@ ETAG_SUFFIX = ".etag"
 
 #: Longest Retry-After we honour: a server asking for more is treated as asking for an hour.
 RETRY_AFTER_CAP = 3600.0
-#: New starts pause for the server's Retry-After after a 429/503, but never longer than this:
-#: the failing file itself waits the full Retry-After; the pause only stops a stampede.
-START_PAUSE_CAP = 0.5
+#: At each congestion cut, new starts pause for the server's Retry-After but never longer than
+#: this: the failing file itself waits the full Retry-After; the pause only stops a stampede
+#: while the requests already in flight report the same overload.
+START_PAUSE_CAP = 0.25
+#: Multiplicative decrease of the AIMD limit. TCP Reno halves; 3/4 (close to CUBIC's 0.7) keeps
+#: an archive whose cap sits well above the link's saturation point saturated after a cut,
+#: while a real overload still sees the limit fall geometrically with each new event.
+AIMD_DECREASE = 0.75
 
 #: Local filesystem errors that no retry can cure: they stop the whole run.
 _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
@@ -415,7 +420,8 @@ class AdaptiveLimiter:
     """How many downloads may be in flight right now: AIMD between ``minimum`` and ``maximum``.
 
     Workers call :meth:`acquire` before a request and :meth:`release` after its body; workers
-    beyond the limit wait in FIFO order. :meth:`congestion` (a 429/503) halves the limit, but
+    beyond the limit wait in FIFO order. :meth:`congestion` (a 429/503) cuts the limit to
+    :data:`AIMD_DECREASE` of itself and pauses new starts briefly, but
     only for a request started after the previous cut - all the requests already in flight
     when the archive became overloaded report the same event, and must not cut again and again.
     :meth:`success` adds one to the limit per ``limit`` successes while the limit is in use.
@@ -481,17 +487,21 @@ class AdaptiveLimiter:
             self._set(self.limit + 1)
 
     def congestion(self, started_at: float, retry_after: float | None) -> None:
-        """A 429/503 for a request started at ``started_at``: cut the limit, pause new starts."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        pause = min(retry_after if retry_after is not None else 1.0, START_PAUSE_CAP)
-        self._pause_until = max(self._pause_until, now + pause)
+        """A 429/503 for a request started at ``started_at``: cut the limit, pause new starts.
+
+        With ``adaptive`` off nothing changes here (fixed concurrency); the failing file still
+        waits out its Retry-After.
+        """
         if not self.adaptive or started_at <= self._last_cut:
             return
+        now = asyncio.get_running_loop().time()
         self._last_cut = now
         self._successes = 0
         self.cuts += 1
-        self._set(max(self.minimum, self.limit // 2))
+        pause = START_PAUSE_CAP if retry_after is None else min(retry_after, START_PAUSE_CAP)
+        self._pause_until = max(self._pause_until, now + pause)
+        cut = min(self.limit - 1, int(self.limit * AIMD_DECREASE))
+        self._set(max(self.minimum, cut))
 
     def _set(self, value: int) -> None:
         if value == self.limit:
