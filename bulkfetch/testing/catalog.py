@@ -22,8 +22,10 @@ Modelling choices (as close to real MAST as known, and where not, chosen to be u
 * **Single-sector DV** results (DVT, DVR, DVM, DVS per TCE) are extra products of the target's
   2-min observation (real MAST does the same), stored under their own DV obs_id.
 * **Multi-sector DV** runs cover sectors ``S[0]..S[e]`` for e in 2, 5, 12, 25, 38, ... and the
-  last sector, so a target observed long enough has an older, narrower run superseded by a newer,
-  wider one (different pipeline run numbers and release dates). Each run is its own observation;
+  last sector. A DV target is in the first run covering two of its sectors and in the last,
+  widest run (continuous-viewing-zone targets: in every run), so older, narrower runs are
+  superseded by newer, wider ones (different pipeline run numbers and release dates) without
+  every run repeating every target. Each run is its own observation;
   its ``sequence_number`` is the run's LAST sector, because that is when the run is produced: a
   per-sector plan (``sequence_number=S``) finds the runs that sector completed.
 * **FFIs.** 16 image observations per sector (``tess-s0001-1-1`` .. ``-4-4``, target ``TESS
@@ -810,15 +812,28 @@ class Catalog:
         return g - si * self.stride
 
     def _mdv_pool_ranges(self, e: int) -> list[tuple[int, int]]:
-        """Pool ranges of targets observed in >= 2 of the sectors S[0]..S[e]."""
+        """Pool ranges of the targets run S[0]..S[e] searches (DV ones among them get a result).
+
+        Continuous-viewing-zone targets are in every run. A moving target (observed in about two
+        consecutive sectors) is in the first run that covers two of its sectors and in the
+        last, widest run: so superseded runs exist without every run repeating every target.
+        """
         ranges = []
         if self.n_cvz:
             ranges.append((0, self.n_cvz))
         if self.window >= 2:
-            lo, hi = self.stride, min(self.n_moving, (e - 1) * self.stride + self.window)
+            ends = list(self._mdv_ends)
+            at = ends.index(e)
+            # j (moving index) has >= 2 sectors among S[0]..S[e] iff stride <= j < _mdv_top(e)
+            lo = self.stride if at == 0 or e == ends[-1] else self._mdv_top(ends[at - 1])
+            hi = self._mdv_top(e)
             if hi > lo:
                 ranges.append((self.n_cvz + lo, self.n_cvz + hi))
         return ranges
+
+    def _mdv_top(self, e: int) -> int:
+        """End of the moving-target range with >= 2 observed sectors among S[0]..S[e]."""
+        return min(self.n_moving, (e - 1) * self.stride + self.window)
 
     def _mdv_select(self, e: int, idx: int) -> int:
         """Pool index of run e's idx-th DV target (the run's (lo, below(lo), count) cached)."""
