@@ -283,6 +283,55 @@ class SimProcess:
             return dict(pool.map(one, list(uris)))
 
 
+class ActiveSampler:
+    """Polls ``/_sim/stats`` in a thread to see how many downloads are in flight over time.
+
+    The peak counter says a client never exceeded the cap; the time-weighted MEAN of in-flight
+    downloads says whether it kept the archive busy, which is what throughput under a cap
+    depends on (an AIMD limit that halves too far shows up here, not in the peak).
+    """
+
+    def __init__(self, sim: SimProcess, interval: float = 0.2) -> None:
+        self.sim = sim
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling (harmless if never started)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        import requests
+
+        session = requests.Session()
+        while not self._stop.is_set():
+            try:
+                stats = session.get(self.sim.url + "/_sim/stats", timeout=10).json()
+            except (requests.RequestException, ValueError):
+                stats = None
+            if stats is not None:
+                self.samples.append((time.monotonic(), int(stats.get("active_connections", 0))))
+            self._stop.wait(self.interval)
+
+    def mean_active(self, skip_idle: bool = True) -> float | None:
+        """Mean of the samples; leading and trailing idle samples (client start-up, checks)
+        are left out so the figure describes the transfer itself."""
+        values = [v for _, v in self.samples]
+        if skip_idle:
+            while values and values[0] == 0:
+                values.pop(0)
+            while values and values[-1] == 0:
+                values.pop()
+        return sum(values) / len(values) if values else None
+
+
 def status_count(stats: dict[str, Any], code: int) -> int:
     """How many download responses had ``code`` (JSON turns the int keys into strings)."""
     counts = stats.get("status_counts") or {}
