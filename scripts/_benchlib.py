@@ -263,6 +263,10 @@ class SimProcess:
         """Change realism knobs of the running server (latency, bandwidth, cap ...)."""
         resp = self._session.post(self.url + "/_sim/config", json=knobs, timeout=60)
         resp.raise_for_status()
+        applied = resp.json()
+        wrong = {k: applied.get(k) for k, v in knobs.items() if applied.get(k) != v}
+        if wrong:  # a scenario must never run against knobs other than those it reports
+            raise RuntimeError(f"simulator did not take knobs {knobs}: it has {wrong}")
         self.knobs.update(knobs)
 
     def truths(self, uris: Iterable[str], workers: int = 8) -> dict[str, str]:
