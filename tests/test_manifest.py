@@ -167,9 +167,9 @@ def test_failed_write_keeps_the_previous_manifest(job) -> None:
 
 
 def test_streaming_memory_does_not_grow_with_rows(tmp_path: Path) -> None:
-    """20 000 rows are written with memory bounded by one store batch, not by the row count."""
+    """12 000 rows are written with memory bounded by one store batch, not by the row count."""
     store = open_store(tmp_path)
-    n = 20_000
+    n = 12_000
     store.add_products(_product(i) for i in range(n))
     tracemalloc.start()
     t0 = time.perf_counter()
@@ -179,8 +179,9 @@ def test_streaming_memory_does_not_grow_with_rows(tmp_path: Path) -> None:
     tracemalloc.stop()
     store.close()
     assert summary.rows == n and summary.statuses == {"SKIPPED": n}
-    # Holding 20k rows as Python lists costs ~30 MB; one 1 000-row batch costs ~2 MB.
-    assert peak < 6 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
+    # Holding these rows as lists peaks near 13 MB, as a Table near 45 MB (measured); one
+    # 1 000-row batch stays near 2.5 MB.
+    assert peak < 5 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
     table = Table.read(tmp_path / "manifest.ecsv")
     assert len(table) == n
     assert table["dataURI"][-1] == _product(n - 1).uri
