@@ -7,7 +7,9 @@ category) are O(1) arithmetic, so the whole archive is a concatenation of intege
 a query is a slice of those ranges, and its rows are computed from the key alone. The obsid number
 encodes the key, and every obs_id, TIC id and product filename decodes back to it in O(1). This
 keeps the catalog at O(page) work and O(1) memory even for the full TESS 2-min set
-(``n_sectors=100, targets_per_sector=20000``: 2 M observations, ~5 M products).
+(``n_sectors=100, targets_per_sector=20000``: 2 M 2-min observations, 2.55 M with the 20-s ones
+and DV runs, 7.6 M products with the default fractions). Only filters that no fast path resolves
+(e.g. a wildcard on target_name) cost a scan of the observations the other filters leave.
 
 Modelling choices (as close to real MAST as known, and where not, chosen to be useful):
 
@@ -20,7 +22,8 @@ Modelling choices (as close to real MAST as known, and where not, chosen to be u
   ``t_exptime`` 20, products ``_fast-lc.fits`` (FAST-LC) and ``_fast-tp.fits`` (FAST-TP). Real
   TESS only has them from sector 27 on; here any sector may have them so small test archives do.
 * **Single-sector DV** results (DVT, DVR, DVM, DVS per TCE) are extra products of the target's
-  2-min observation (real MAST does the same), stored under their own DV obs_id.
+  2-min observation (real MAST does the same); their ``obs_id`` column is the DV id
+  (``tess<dv ts>-s0001-s0001-<tic>-<run>``), so astroquery files them in their own directory.
 * **Multi-sector DV** runs cover sectors ``S[0]..S[e]`` for e in 2, 5, 12, 25, 38, ... and the
   last sector. A DV target is in the first run covering two of its sectors and in the last,
   widest run (continuous-viewing-zone targets: in every run), so older, narrower runs are
