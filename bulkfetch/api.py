@@ -42,7 +42,7 @@ from .manifest import (
     write_manifest,
 )
 from .progress import Progress, format_bytes, make_progress
-from .sources import DEFAULT_MAST_URL, DOWNLOAD_PATH, normalize_server
+from .sources import DEFAULT_MAST_URL, DOWNLOAD_PATH, download_url, normalize_server
 from .store import (
     ACTIVE,
     DONE,
@@ -517,10 +517,13 @@ def download_products(
     flat: bool = False,
     cache: bool = True,
     *,
+    curl_flag: bool = False,
+    mrp_only: bool = False,
+    cloud_only: bool = False,
+    verbose: bool = True,
     concurrency: int | None = None,
     retries: int | None = None,
-    progress: bool | str | Progress = True,
-    mrp_only: bool = False,
+    progress: bool | str | Progress | None = None,
     server: str | None = None,
     options: FetchOptions | None = None,
     **filters: Any,
@@ -539,12 +542,26 @@ def download_products(
     integrity checks; the job state in ``download_dir/.bulkfetch`` makes a repeated call resume
     instead of starting over; and the full manifest is also written to
     ``download_dir/manifest.csv``/``.ecsv``. ``server`` defaults to wherever astroquery points.
+    ``verbose=False`` turns the progress display off unless ``progress`` says otherwise;
+    ``cloud_only`` is accepted and ignored (there is no cloud source yet); ``curl_flag`` is
+    refused: MAST's curl scripts are what bulkfetch replaces (``--from-curl-script`` reads
+    them). Products the planner refuses (a file name that would leave ``download_dir``) are
+    listed as ``ERROR`` rows saying so, never silently dropped.
     """
     from astropy.table import Row, vstack
     from astroquery.exceptions import NoResultsWarning
     from astroquery.mast import Observations
     from astroquery.mast import utils as mast_utils
 
+    if curl_flag:
+        raise UsageError(
+            "curl_flag=True is not supported: bulkfetch downloads the files itself; use "
+            "astroquery for a curl script, or plan one with 'bulkfetch plan --from-curl-script'"
+        )
+    if cloud_only:
+        log.info("cloud_only has no effect: bulkfetch downloads from %s", server or "MAST")
+    if progress is None:
+        progress = "auto" if verbose else False
     if isinstance(products, Row):
         products = Table(products, masked=True)
     if not isinstance(products, Table):
@@ -569,9 +586,66 @@ def download_products(
         if not cache:
             _forget(job, uris)
         job.fetch(options, progress=progress, **knobs)
-        return job.manifest_table(uris)
+        table = job.manifest_table(uris)
+        if len(table) < len(set(uris)):
+            table = _with_refused(table, products, download_dir, flat, job.server)
+        return table
     finally:
         job.close()
+
+
+def _with_refused(
+    table: Table, products: Table, download_dir: str, flat: bool, server: str
+) -> Table:
+    """Add an ``ERROR`` row for every requested product the planner refused, in order."""
+    present = set(table["dataURI"])
+    rows: list[ProductRecord] = []
+    for prod in products:
+        uri = str(prod["dataURI"])
+        if uri in present:
+            continue
+        name = os.path.basename(str(prod["productFilename"]))
+        coll, obs = str(prod["obs_collection"]), str(prod["obs_id"])
+        rel = name if flat else f"mastDownload/{coll}/{obs}/{name}"
+        rows.append(
+            ProductRecord(
+                uri=uri,
+                url=download_url(server, uri),
+                local_path=rel,
+                size=None,
+                obs_collection=coll,
+                obs_id=obs,
+                product_filename=str(prod["productFilename"]),
+                sector=None,
+                kind="",
+                status=ERROR,
+                bytes_done=0,
+                sha256=None,
+                attempts=0,
+                message="refused by bulkfetch: its catalog path would leave the download "
+                "directory or clash with another product (see the log)",
+                http_status=None,
+                started_at=None,
+                finished_at=None,
+                extra={},
+            )
+        )
+    extra = manifest_table(rows, download_dir)
+    merged = vstack_manifest(table, extra)
+    order = {u: i for i, u in enumerate(dict.fromkeys(str(u) for u in products["dataURI"]))}
+    merged = merged[sorted(range(len(merged)), key=lambda i: order[str(merged["dataURI"][i])])]
+    return merged
+
+
+def vstack_manifest(a: Table, b: Table) -> Table:
+    """Stack two manifest Tables keeping ``Message``/``URL`` as object columns of None."""
+    from astropy.table import vstack
+
+    if not len(b):
+        return a
+    if not len(a):
+        return b
+    return vstack([a, b], join_type="exact", metadata_conflicts="silent")
 
 
 def _forget(job: Job, uris: Sequence[str]) -> None:

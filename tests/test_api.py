@@ -290,3 +290,30 @@ def test_public_api_is_importable() -> None:
     for name in bulkfetch.__all__:
         if name != "__version__":
             assert any(getattr(m, name, None) is getattr(bulkfetch, name) for m in modules), name
+
+
+def test_refused_products_are_errors_in_the_returned_manifest(astroquery_mast, tmp_path):
+    sim = astroquery_mast()
+    products = lc_products(n=3)
+    products["productFilename"] = products["productFilename"].astype(object)
+    products["productFilename"][1] = "../../escape.fits"  # a hostile catalog row
+    manifest = download_products(products, download_dir=str(tmp_path), **QUIET)
+    assert list(manifest["dataURI"]) == list(products["dataURI"])
+    bad = manifest[1]
+    assert bad["Status"] == "ERROR" and "refused" in bad["Message"]
+    assert bad["URL"] == sim.download_url(bad["dataURI"])
+    assert not (tmp_path.parent / "escape.fits").exists()
+    for i in (0, 2):
+        assert manifest["Status"][i] == "COMPLETE"
+        assert sha256(manifest["Local Path"][i]) == sim.truth(manifest["dataURI"][i])["sha256"]
+
+
+def test_astroquery_only_arguments(astroquery_mast, tmp_path, capsys):
+    astroquery_mast()
+    products = lc_products(n=1)
+    with pytest.raises(bulkfetch.UsageError, match="curl_flag"):
+        download_products(products, download_dir=str(tmp_path), curl_flag=True)
+    # verbose=False means no progress output at all, as with astroquery
+    manifest = download_products(products, download_dir=str(tmp_path), verbose=False)
+    assert list(manifest["Status"]) == ["COMPLETE"]
+    assert capsys.readouterr().err == ""
