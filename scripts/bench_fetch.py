@@ -150,7 +150,11 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
                 ToolRun("astroquery", "astroquery download_products", files=aq_files),
                 ToolRun("parfive", f"parfive max_conn={conc}", {"max_conn": conc}),
                 ToolRun("aria2c", f"aria2c -j{conc}", {"jobs": conc}),
-                ToolRun("bulkfetch", f"bulkfetch --concurrency {conc}", {"concurrency": conc}),
+                ToolRun(
+                    "bulkfetch",
+                    f"bulkfetch --concurrency {conc}",
+                    {"concurrency": conc, "verify": "fits"},
+                ),
             ),
             sample=True,
         ),
@@ -164,12 +168,12 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
                 ToolRun(
                     "bulkfetch",
                     f"bulkfetch --concurrency {over} (adaptive)",
-                    {"concurrency": over, "adaptive": True},
+                    {"concurrency": over, "adaptive": True, "verify": "fits"},
                 ),
                 ToolRun(
                     "bulkfetch",
                     f"bulkfetch --concurrency {over}, adaptive off",
-                    {"concurrency": over, "adaptive": False},
+                    {"concurrency": over, "adaptive": False, "verify": "fits"},
                 ),
                 ToolRun("aria2c", f"aria2c -j{conc}", {"jobs": conc}),
                 ToolRun(
