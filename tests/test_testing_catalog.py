@@ -333,7 +333,7 @@ def test_whole_tess_sized_catalog_answers_a_full_page_quickly(mast_sim) -> None:
     prod_seconds = time.perf_counter() - started
     assert prods["paging"]["rows"] == 50000 and prods["paging"]["rowsFiltered"] > 100000
     # Loose bounds (2 shared cores): this is about "works without generating the world".
-    assert obs_seconds < 15 and prod_seconds < 15
+    assert obs_seconds < 30 and prod_seconds < 30
 
 
 def test_query_fail_rate_reaches_astroquery_as_http_errors(astroquery_mast) -> None:
