@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import hashlib
+import heapq
 import io
 import json
 import logging
@@ -934,9 +936,11 @@ class _SectorJob:
     sector: int
     kinds: list[str]
     order: int
-    obs_futures: list[Future[list[str]]] = field(default_factory=list)
-    batch_futures: list[Future[_Batch]] = field(default_factory=list)
-    rows: list[PlannedProduct] | None = None  # set once every batch answered; waits its turn
+    obs_left: int = 0
+    obsids: list[list[str]] = field(default_factory=list)
+    batch_left: int = 0
+    batches: dict[int, _Batch] = field(default_factory=dict)
+    rows: list[PlannedProduct] | None = None  # set once every batch answered
 
 
 def _obs_criteria(selection: Selection, sector: int) -> list[dict[str, Any]]:
@@ -1148,20 +1152,25 @@ def _run_sectors(
     dry_run: bool,
     max_rows: int,
 ) -> int:
-    """Query the sectors of ``todo`` with a thread pool; commit them one by one, in order.
+    """Query the sectors of ``todo`` on ``workers`` threads; commit each sector when complete.
 
-    At most ``workers + 1`` sectors are in flight, which bounds memory whatever the number of
-    sectors; within that window the observation query of one sector overlaps the product-list
-    batches of others, so the pool stays busy even when every sector is small. Sectors are
-    committed in ``todo`` order (a finished sector waits for the ones before it), which keeps
-    the job's row order deterministic and lets ``latest_dv_only`` see newer runs first.
+    The main thread schedules: exactly ``workers`` queries are in flight, and a free thread
+    takes the most urgent task: product batches of the earliest started sector first, then the
+    observation query of the next sector. So a big sector is finished (and its rows written)
+    before new sectors pile up, while many small sectors overlap each other's round trips. At
+    most ``2 * workers`` sectors are started and unwritten at once, which bounds memory whatever
+    the number of sectors. With ``latest_dv_only`` sectors are committed strictly in ``todo``
+    order (newest first, see :class:`LatestDV`); otherwise each as soon as it is complete.
     Returns the bytes of the products planned (for a dry run's space estimate).
     """
     from tqdm import tqdm
 
-    window = workers + 1
+    window = 2 * workers
+    ordered = selection.latest_dv_only
     pending = list(reversed(todo))
-    inflight: dict[Future[Any], _SectorJob] = {}
+    ready: list[tuple[tuple[int, int, int], int, Callable[[], Any], _SectorJob, str, int]] = []
+    seq = 0
+    inflight: dict[Future[Any], tuple[_SectorJob, str, int]] = {}
     jobs: dict[int, _SectorJob] = {}  # by order, until committed
     next_commit = 0
     refusals = _Refusals()
@@ -1174,59 +1183,59 @@ def _run_sectors(
     bar = tqdm(total=len(todo), unit="sector", desc="plan", disable=not progress, leave=True)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bulkfetch-plan")
 
-    # query_criteria and get_product_list each need a column config first: fetch both now, in
-    # parallel, instead of once per thread (see _Astroquery.warm_column_config).
-    for fut in [
-        pool.submit(aq.warm_column_config, "Mast.Caom.Filtered", "Mast.Caom.Cone"),
-        pool.submit(aq.warm_column_config, "Mast.Caom.Products"),
-    ]:
-        try:
-            fut.result()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            bar.close()
-            raise
+    def push(priority: tuple[int, int, int], fn: Callable[[], Any], job: _SectorJob,
+             what: str, index: int) -> None:  # fmt: skip
+        nonlocal seq
+        heapq.heappush(ready, (priority, seq, fn, job, what, index))
+        seq += 1
 
     def start_next() -> None:
         sector, kinds = pending.pop()
         job = _SectorJob(sector=sector, kinds=kinds, order=len(todo) - len(pending) - 1)
         jobs[job.order] = job
-        for crit in _obs_criteria(selection, sector):
-            fut = pool.submit(_query_obsids, aq, sector, crit, max_rows)
-            job.obs_futures.append(fut)
-            inflight[fut] = job
+        for i, crit in enumerate(_obs_criteria(selection, sector)):
+            job.obs_left += 1
+            job.obsids.append([])
+            push(
+                (1, job.order, i),
+                functools.partial(_query_obsids, aq, sector, crit, max_rows),
+                job, "obs", i,
+            )  # fmt: skip
 
     def obs_done(job: _SectorJob) -> None:
-        """All observation queries of ``job`` answered: start its product batches."""
+        """All observation queries of ``job`` answered: queue its product batches."""
         obsids: list[str] = []
         seen: set[str] = set()
-        for fut in job.obs_futures:
-            for obsid in fut.result():
+        for part in job.obsids:
+            for obsid in part:
                 if obsid not in seen:
                     seen.add(obsid)
                     obsids.append(obsid)
-        job.obs_futures = []
+        job.obsids = []
         subgroups = selection.subgroups(job.kinds)
         nb = math.ceil(len(obsids) / batch_size)
         for b in range(nb):
             chunk = obsids[b * batch_size : (b + 1) * batch_size]
             what = f"sector {job.sector}: get_product_list batch {b + 1}/{nb}"
-            fut = pool.submit(
-                _product_batch, aq, what, chunk, selection, subgroups,
-                sector=job.sector, server=server,
+            job.batch_left += 1
+            push(
+                (0, job.order, b),
+                functools.partial(
+                    _product_batch, aq, what, chunk, selection, subgroups,
+                    sector=job.sector, server=server,
+                ),
+                job, "batch", b,
             )  # fmt: skip
-            job.batch_futures.append(fut)
-            inflight[fut] = job
         if nb == 0:
             job.rows = []
 
     def batches_done(job: _SectorJob) -> None:
-        """Every batch of ``job`` answered: its rows, deduped (first wins), wait their turn."""
+        """Every batch of ``job`` answered: its rows, deduped (first wins)."""
         rows: list[PlannedProduct] = []
         seen: set[str] = set()
         paths: dict[str, str] = {}
-        for fut in job.batch_futures:
-            batch = fut.result()
+        for b in sorted(job.batches):
+            batch = job.batches[b]
             refusals.merge(batch.refusals)
             for row in batch.rows:
                 if row.uri in seen:
@@ -1237,7 +1246,7 @@ def _run_sectors(
                     refusals.add(f"{row.uri}: would be saved as {row.local_path} like {other}")
                     continue
                 rows.append(row)
-        job.batch_futures = []
+        job.batches = {}
         job.rows = rows
 
     def commit(job: _SectorJob) -> None:
@@ -1273,30 +1282,49 @@ def _run_sectors(
         bar.set_postfix(files=f"{summary.files:,}")
 
     try:
-        while pending or inflight or jobs:
+        # query_criteria and get_product_list each need a column config first: fetch both
+        # now, in parallel, not once per thread (see _Astroquery.warm_column_config).
+        for fut in [
+            pool.submit(aq.warm_column_config, "Mast.Caom.Filtered", "Mast.Caom.Cone"),
+            pool.submit(aq.warm_column_config, "Mast.Caom.Products"),
+        ]:
+            fut.result()
+        while pending or jobs:
             while pending and len(jobs) < window:
                 start_next()
-            if inflight:
-                done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
-                for fut in done:
-                    job = inflight.pop(fut)
-                    fut.result()  # a worker's error surfaces here, naming its sector
-                    if job.obs_futures and not any(f in inflight for f in job.obs_futures):
-                        obs_done(job)
-                    elif job.batch_futures and not any(f in inflight for f in job.batch_futures):
-                        batches_done(job)
-            while next_commit in jobs and jobs[next_commit].rows is not None:
-                commit(jobs.pop(next_commit))
-                next_commit += 1
-            if not inflight and jobs and next_commit not in jobs:  # pragma: no cover - a bug
+            while ready and len(inflight) < workers:
+                _, _, fn, job, stage, index = heapq.heappop(ready)
+                inflight[pool.submit(fn)] = (job, stage, index)
+            if not inflight:  # pragma: no cover - would be a scheduling bug
                 raise RuntimeError(f"planner lost track of sectors {sorted(jobs)}")
+            done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            for fut in done:
+                job, stage, index = inflight.pop(fut)
+                result = fut.result()  # a worker's error surfaces here, naming its sector
+                if stage == "obs":
+                    job.obsids[index] = result
+                    job.obs_left -= 1
+                    if job.obs_left == 0:
+                        obs_done(job)
+                else:
+                    job.batches[index] = result
+                    job.batch_left -= 1
+                    if job.batch_left == 0:
+                        batches_done(job)
+            if ordered:
+                while next_commit in jobs and jobs[next_commit].rows is not None:
+                    commit(jobs.pop(next_commit))
+                    next_commit += 1
+            else:
+                for order in [o for o, j in jobs.items() if j.rows is not None]:
+                    commit(jobs.pop(order))
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
         bar.close()
-        summary.refused += refusals.count
         room = max(0, MAX_EXAMPLES - len(summary.refused_examples))
+        summary.refused += refusals.count
         summary.refused_examples.extend(refusals.examples[:room])
     pool.shutdown(wait=True)
     return planned_bytes if dry_run else 0
