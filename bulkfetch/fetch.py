@@ -96,6 +96,10 @@ START_PAUSE_CAP = 0.25
 #: while a real overload still sees the limit fall geometrically with each new event.
 AIMD_DECREASE = 0.75
 
+#: Files waiting out a backoff held in memory at most; beyond it no new rows are leased until
+#: some are due (bounds memory when a large part of a job fails for a while).
+MAX_DELAYED = 10_000
+
 #: Local filesystem errors that no retry can cure: they stop the whole run.
 _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
@@ -1127,8 +1131,10 @@ class Fetcher:
     async def _feed(self) -> None:
         """Lease rows in batches and hand them to the workers; hold back files in backoff.
 
-        Keeps at most ``concurrency + claim_batch`` rows leased, which bounds memory whatever
-        the size of the job. Ends when nothing is pending and nothing is outstanding.
+        Keeps at most ``concurrency + claim_batch`` rows leased for work, plus at most
+        :data:`MAX_DELAYED` files waiting out a backoff (these do not take the room of new
+        work, so a cluster of failing files cannot starve the healthy ones), which bounds
+        memory whatever the size of the job. Ends when nothing is pending or outstanding.
         """
         loop = asyncio.get_running_loop()
         opts = self.options
@@ -1140,8 +1146,13 @@ class Fetcher:
             now = loop.time()
             while self._delayed and self._delayed[0][0] <= now:
                 queue.put_nowait(heapq.heappop(self._delayed)[2])
-            room = capacity - self._outstanding
-            if self._may_claim and room > 0 and queue.qsize() < opts.claim_batch:
+            room = capacity - (self._outstanding - len(self._delayed))
+            if (
+                self._may_claim
+                and room > 0
+                and len(self._delayed) < MAX_DELAYED
+                and queue.qsize() < opts.claim_batch
+            ):
                 items = self.store.claim(min(room, opts.claim_batch), self._worker_id)
                 if not items:
                     self._may_claim = False

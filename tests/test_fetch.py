@@ -280,8 +280,10 @@ def test_retry_after_is_honoured(mast_sim, tmp_path):
     timer = threading.Timer(rejecting, lambda: sim.set(fail_429=0.0))
     timer.start()
     try:
-        # A 1 ms backoff: without Retry-After each file would be asked for hundreds of times.
-        result = fetch(store, tmp_path, quick(backoff_base=0.001, backoff_max=0.001, retries=50))
+        # A 1 ms backoff and a fixed concurrency (no AIMD pause to hide behind): only the
+        # per-file Retry-After keeps each file from being asked for hundreds of times.
+        options = quick(backoff_base=0.001, backoff_max=0.001, retries=50, adaptive=False)
+        result = fetch(store, tmp_path, options)
     finally:
         timer.cancel()
     assert result.done == len(rows)
@@ -601,6 +603,8 @@ class _Origin:
         self.seen.setdefault(request.path, []).append(dict(request.headers))
         if request.path in self.redirects:
             raise web.HTTPFound(self.redirects[request.path])
+        if request.path.startswith("/bad"):
+            return web.Response(status=500, text="always broken\n")
         if self.status != 200:
             return web.Response(status=self.status, text="no\n")
         return web.Response(body=self.BODY, content_type="application/octet-stream")
@@ -666,6 +670,35 @@ async def test_other_4xx_are_permanent_errors_named_by_status(tmp_path, status):
     assert result.errors == 1 and len(origin.seen["/f"]) == 1  # no retry
     rec = records(store)[row.uri]
     assert rec.status == ERROR and rec.http_status == status and str(status) in rec.message
+
+
+async def test_files_in_backoff_do_not_starve_the_healthy_ones(tmp_path):
+    origin = _Origin()
+    base = await origin.start()
+    size = len(_Origin.BODY)
+    # The failing files come first in the job, and outnumber the leased-work room (2 + 2).
+    bad = [_row(f"{base}/bad{i}", f"bad{i}.bin", size) for i in range(10)]
+    good = [_row(f"{base}/good{i}", f"good{i}.bin", size) for i in range(20)]
+    events = Recorder()
+    finished_at: dict[str, float] = {}
+    start = time.monotonic()
+
+    def on_file(uri: str, ok: bool, message: str | None) -> None:
+        finished_at[uri] = time.monotonic() - start
+
+    events.on_file = on_file  # type: ignore[method-assign]
+    try:
+        store = planned(tmp_path, bad + good)
+        options = quick(concurrency=2, claim_batch=2, retries=1, backoff_base=2.0, backoff_max=2.0)
+        result = await Fetcher(store, tmp_path, options, events).run()
+    finally:
+        await origin.runner.cleanup()
+    assert (result.done, result.errors) == (len(good), len(bad))
+    # Every healthy file finished before the first failing one was even retried (>= 1 s).
+    assert max(finished_at[r.uri] for r in good) < 1.0
+    assert all(len(origin.seen[f"/bad{i}"]) == 2 for i in range(10))
+    rec = records(store)[bad[0].uri]
+    assert rec.status == ERROR and rec.attempts == 2 and "500" in rec.message
 
 
 def test_options_are_validated_with_usage_errors():
