@@ -998,7 +998,8 @@ class Fetcher:
                     "%d files left in progress by an earlier run go back to the queue", recovered
                 )
             self._announce_start()
-            self._concurrency_changed(self.limiter.limit)
+            self.events.on_concurrency(self.limiter.limit)
+            self._meta("fetch.concurrency", str(self.limiter.limit))
             await self._run_pool(loop)
         finally:
             try:

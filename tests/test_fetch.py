@@ -252,6 +252,25 @@ def test_every_fault_at_once_still_gives_a_byte_exact_tree(mast_sim, tmp_path):
     assert any("CHECKSUM" in m for _, m in events.retries)
 
 
+def test_a_trickling_body_below_min_speed_is_retried(mast_sim, tmp_path):
+    sim = mast_sim(conn_bandwidth=3_000)  # ~20 KB files would take ~7 s each
+    rows = lc_products(sim, 6)
+    store = planned(tmp_path, rows)
+    timer = threading.Timer(1.0, lambda: sim.set(conn_bandwidth=None))
+    timer.start()
+    events = Recorder()
+    started = time.monotonic()
+    try:
+        options = quick(min_speed=10_000, speed_window=0.4, stall_timeout=5.0)
+        result = fetch(store, tmp_path, options, events)
+    finally:
+        timer.cancel()
+    assert result.done == len(rows)
+    assert_exact(sim, tmp_path, rows)
+    assert events.retries and all("too slow" in m for _, m in events.retries)
+    assert time.monotonic() - started < 4.0  # not the ~7 s a trickle would take
+
+
 def test_missing_files_end_as_errors_with_their_status_at_once(mast_sim, tmp_path):
     sim = mast_sim(missing_rate=0.2, seed=5)
     rows = lc_products(sim, 60)
