@@ -21,6 +21,7 @@ import time
 from typing import Any, TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("bulkfetch")
 
@@ -153,6 +154,7 @@ class BarProgress(Progress):
         self._stream = stream if stream is not None else sys.stderr
         self._mininterval = mininterval
         self._bar: tqdm | None = None
+        self._redirect: Any = None
 
     def on_start(
         self, total_files: int, total_bytes: int, done_files: int, done_bytes: int
@@ -160,6 +162,10 @@ class BarProgress(Progress):
         super().on_start(total_files, total_bytes, done_files, done_bytes)
         if self._bar is not None:
             self._bar.close()
+        if self._redirect is None:
+            # Log lines (a retry, a 404) printed under the bar instead of through it.
+            self._redirect = logging_redirect_tqdm(loggers=[log], tqdm_class=tqdm)
+            self._redirect.__enter__()
         self._bar = tqdm(
             total=self.total_bytes or None,
             initial=self.done_bytes,
@@ -206,6 +212,9 @@ class BarProgress(Progress):
             self._bar.refresh()
             self._bar.close()
             self._bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
 
 
 class LogProgress(Progress):
