@@ -131,6 +131,11 @@ def test_lightkurve_layout_and_fits_files(astroquery_mast, tmp_path):
             assert hdul[0].header["TELESCOP"] == "TESS"
             assert len(hdul[1].data) > 0
     assert_bytes_are_truth(sim, manifest)
+    # lightkurve itself recognises and reads what we laid out (SPOC CREATOR, LIGHTCURVE columns).
+    lk = pytest.importorskip("lightkurve")
+    for row in manifest:
+        lc = lk.read(row["Local Path"])
+        assert type(lc).__name__ == "TessLightCurve" and len(lc) > 0
 
 
 def test_flat_layout(astroquery_mast, tmp_path):

@@ -308,6 +308,14 @@ def _row_dtype(cols: Sequence[_Column]) -> np.dtype:
 # -- headers -----------------------------------------------------------------------------------
 
 
+#: CREATOR values of real SPOC products per flavor (lightkurve's ``detect_filetype`` reads them).
+_CREATORS = {
+    "lc": "5331 LightCurveExporterPipelineModule",
+    "tp": "4885 TargetPixelExporterPipelineModule",
+    "dvt": "11337 DvTimeSeriesExporter",
+}
+
+
 def _primary_cards(info: ProductInfo, tgt: _Target, flavor: str, compact: bool) -> list[str]:
     """A SPOC-like primary header (no data), full or cut to one block."""
     cards = [
@@ -327,9 +335,12 @@ def _primary_cards(info: ProductInfo, tgt: _Target, flavor: str, compact: bool) 
         card("ORIGIN", "NASA/Ames", "institution responsible for creating this file"),
         card("DATE", tgt.date, "file creation date."),
     ]
+    # SPOC's exporter names, even in compact headers: lightkurve recognises a file by this card.
+    cards.append(
+        card("CREATOR", _CREATORS.get(flavor, "bulkfetch"), "pipeline job and program used")
+    )
     if not compact:
         cards += [
-            card("CREATOR", "bulkfetch simulated archive", "pipeline job and program used"),
             card("PROCVER", "spoc-4.0.14-20180810", "SW version"),
             card("FILEVER", "1.0", "file format version"),
             card("TIMVERSN", "OGIP/93-003", "OGIP memo number for file format"),
