@@ -743,7 +743,10 @@ class Catalog:
         return list(self._nums)
 
     def _make_sector(self, si: int, number: int) -> _Sector:
-        start = _SECTOR1_START + timedelta(days=_SECTOR_DAYS * (number - 1))
+        # A special sector (1751) is no orbit count: date it by its place among the sectors,
+        # so its file names carry a plausible year instead of the 22nd century.
+        ordinal = number if number < 1000 else si + 1
+        start = _SECTOR1_START + timedelta(days=_SECTOR_DAYS * (ordinal - 1))
         start = start.replace(microsecond=0)
         end = start + timedelta(days=_SECTOR_DAYS - 0.6)
         release = end + timedelta(days=30 + _hash(self.seed, 5, number) % 20)
