@@ -726,7 +726,8 @@ def _check_path(
 
 
 def _land(job: _Landing) -> _Checked:
-    """Runs in a worker thread: verify the body and, if good, put it under its final name.
+    """Verify a body and, if good, put it under its final name (in a thread, or inline when
+    the body is small: see :data:`_INLINE_LIMIT`).
 
     A failed check deletes the ``.part``, so a bad file is never renamed into place.
     """
@@ -759,8 +760,9 @@ def _land(job: _Landing) -> _Checked:
                 _remove_part(paths)
                 return checked
         os.replace(paths.part, paths.final)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(paths.etag)
+        if job.chunks is None:  # only a body that went through the disk can have an ETag file
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(paths.etag)
         return checked
     except OSError as exc:
         if exc.errno in _FATAL_ERRNOS:
@@ -893,6 +895,7 @@ class Fetcher:
         self._run_attempts: dict[str, int] = {}
         self._outstanding = 0
         self._may_claim = True
+        self._n_workers = self.options.concurrency + max(2, self.options.concurrency // 4)
         self._transfers: dict[int, _Transfer] = {}
         self._host_sems: dict[str, asyncio.Semaphore] = {}
         self._rate = RateLimiter(self.options.max_rate) if self.options.max_rate else None
@@ -1045,9 +1048,12 @@ class Fetcher:
         self._executor = ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="bulkfetch-verify"
         )
+        # More workers than the limit: a worker busy verifying, recording or opening files
+        # has already given its slot back, and a spare worker fills it at once; the limiter,
+        # not the worker count, is what caps the requests in flight.
         workers = [
             asyncio.create_task(self._worker(), name=f"bulkfetch-worker-{i}")
-            for i in range(opts.concurrency)
+            for i in range(self._n_workers)
         ]
         feeder = asyncio.create_task(self._feed(), name="bulkfetch-feeder")
         watchdog = asyncio.create_task(self._watch(), name="bulkfetch-watchdog")
@@ -1132,14 +1138,14 @@ class Fetcher:
     async def _feed(self) -> None:
         """Lease rows in batches and hand them to the workers; hold back files in backoff.
 
-        Keeps at most ``concurrency + claim_batch`` rows leased for work, plus at most
+        Keeps at most ``workers + claim_batch`` rows leased for work, plus at most
         :data:`MAX_DELAYED` files waiting out a backoff (these do not take the room of new
         work, so a cluster of failing files cannot starve the healthy ones), which bounds
         memory whatever the size of the job. Ends when nothing is pending or outstanding.
         """
         loop = asyncio.get_running_loop()
         opts = self.options
-        capacity = opts.concurrency + opts.claim_batch
+        capacity = self._n_workers + opts.claim_batch
         queue = self._queue
         wake = self._wake_feeder
         assert queue is not None and wake is not None
