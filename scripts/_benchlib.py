@@ -221,6 +221,19 @@ class SimProcess:
                 log.info("simulator at %s (%s)", self.url, " ".join(knob_flags(self.knobs)))
                 return self.url
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU seconds the simulator has used so far (Linux ``/proc``; None
+        elsewhere). Server and client share the machine's cores, so the server's cost per file
+        is needed to read the client's files/s."""
+        if self.proc is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15)
+
     def _log_tail(self, chars: int = 3000) -> str:
         """The end of the simulator's stderr, for an error message that explains itself."""
         if self.log_path is None or not self.log_path.exists():

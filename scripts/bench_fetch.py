@@ -62,7 +62,7 @@ from _benchlib import (  # noqa: E402  (the line above makes the sibling module 
 log = logging.getLogger("bulkfetch.bench")
 
 SCENARIOS = ("equal", "cap", "small", "cpu")
-TOOLS = ("astroquery", "parfive", "aria2c", "bulkfetch")
+TOOLS = ("astroquery", "parfive", "aria2c", "bulkfetch", "minimal")
 
 
 # -- parameters ---------------------------------------------------------------------------------
@@ -203,6 +203,11 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
                     f"bulkfetch --concurrency {conc} --verify fits",
                     {"concurrency": conc, "verify": "fits"},
                 ),
+                ToolRun(
+                    "minimal",
+                    f"yardstick: bare aiohttp loop, {conc} tasks, no state or checks",
+                    {"concurrency": conc},
+                ),
             ),
         ),
         Scenario(
@@ -223,6 +228,11 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
                     "bulkfetch",
                     f"bulkfetch --concurrency {conc} --verify sha256",
                     {"concurrency": conc, "verify": "sha256"},
+                ),
+                ToolRun(
+                    "minimal",
+                    f"yardstick: bare aiohttp loop, {conc} tasks, no state or checks",
+                    {"concurrency": conc},
                 ),
             ),
         ),
@@ -256,6 +266,7 @@ class ToolResult:
     status_429: int
     bytes_served: int | None
     mean_active: float | None = None  # in-flight downloads, time average while transferring
+    server_cpu: float | None = None  # simulator CPU seconds during the client's whole run
     worker: dict[str, Any] | None = None
     note: str = ""
     #: Download-phase seconds of every repeat (this result is the median one).
@@ -354,6 +365,7 @@ def run_tool(
         spec_path.write_text(json.dumps(spec))
         command = worker_command(spec_path, run.tool)
     sim.reset_stats()
+    server_cpu0 = sim.cpu_seconds()
     log.info("%s: %s on %d files", scenario.name, run.label, len(products))
     sampler = ActiveSampler(sim)
     if scenario.sample:
@@ -362,6 +374,8 @@ def run_tool(
         done: ClientRun = run_client(command, log_dir=logs, name=slug, timeout=timeout)
     finally:
         sampler.stop()
+    server_cpu1 = sim.cpu_seconds()
+    server_cpu = None if server_cpu0 is None or server_cpu1 is None else server_cpu1 - server_cpu0
     stats = sim.stats()
     check = check_tree(root, products, truth)
     sizes = {p.uri: p.size for p in products}
@@ -407,6 +421,7 @@ def run_tool(
         status_429=status_count(stats, 429),
         bytes_served=stats.get("bytes_served"),
         mean_active=sampler.mean_active(),
+        server_cpu=server_cpu,
         worker=report,
         note=note,
     )
@@ -560,7 +575,54 @@ def worker_bulkfetch(spec_path: str) -> int:
     return 0
 
 
+def worker_minimal(spec_path: str) -> int:
+    """The least a Python downloader can do: one aiohttp session, N tasks, GET, write, next.
+
+    No state, no retries, no checks, no ``.part`` files. It is not a competitor but a yardstick:
+    the per-file cost of Python + aiohttp + the simulator on this machine, which bounds what any
+    asyncio engine can reach here.
+    """
+    import asyncio
+
+    import aiohttp
+
+    spec, products, root = _load_spec(spec_path)
+    concurrency = int(spec["options"]["concurrency"])
+    for p in products:
+        (root / p.relpath).parent.mkdir(parents=True, exist_ok=True)
+
+    async def run() -> int:
+        queue: asyncio.Queue[Product] = asyncio.Queue()
+        for p in products:
+            queue.put_nowait(p)
+        errors = 0
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def work() -> None:
+                nonlocal errors
+                while not queue.empty():
+                    p = queue.get_nowait()
+                    try:
+                        async with session.get(p.url) as resp:
+                            resp.raise_for_status()
+                            with open(root / p.relpath, "wb") as fh:
+                                async for chunk in resp.content.iter_chunked(1 << 18):
+                                    fh.write(chunk)
+                    except aiohttp.ClientError:
+                        errors += 1
+
+            await asyncio.gather(*(work() for _ in range(concurrency)))
+        return errors
+
+    with PhaseMeter() as meter:
+        errors = asyncio.run(run())
+    emit_report({"wall": meter.wall, "cpu": meter.cpu, "errors": errors})
+    return 0
+
+
 WORKERS: dict[str, Callable[[str], int]] = {
+    "minimal": worker_minimal,
     "astroquery": worker_astroquery,
     "parfive": worker_parfive,
     "bulkfetch": worker_bulkfetch,
@@ -717,12 +779,31 @@ def render(
                     fmt(r.seconds, 2),
                     fmt(r.files_per_s, 0),
                     _x(ratio(r.files_per_s, aria.files_per_s if aria else None)),
+                    fmt(1000 * r.cpu / r.files if r.files else None, 2),
+                    fmt(1000 * r.server_cpu / r.files if r.server_cpu and r.files else None, 2),
                 ]
                 for r in rows
             ]
             out.append(
-                markdown_table(["tool", "correct", "seconds", "files/s", "vs aria2c"], table)
+                markdown_table(
+                    [
+                        "tool",
+                        "correct",
+                        "seconds",
+                        "files/s",
+                        "vs aria2c",
+                        "client CPU ms/file",
+                        "server CPU ms/file",
+                    ],
+                    table,
+                )
             )
+            out += [
+                "",
+                "Server and client share this machine's cores, so files/s is bounded by both; "
+                "client CPU ms/file is the client's own cost (1000 / it = the files/s one core "
+                "could sustain for the client alone), server CPU ms/file the simulator's.",
+            ]
             bf = _pick(rows, "small", "bulkfetch")
             if bf:
                 targets.append(
