@@ -14,9 +14,11 @@ depend on the machine, ratios much less). Scenarios:
 Every client runs as its own subprocess (so its CPU is its own, see ``_benchlib``), downloads
 into a fresh directory, and afterwards every file is checked against the simulator's SHA-256.
 
-Run ``python scripts/bench_fetch.py`` (all scenarios, ~5 minutes on 2 cores) or
-``--scenario small --tools bulkfetch`` while tuning the engine; ``--quick`` is the tiny mode
-the smoke test in ``tests/test_scripts.py`` uses.
+Run ``python scripts/bench_fetch.py`` (all scenarios, ~4 minutes on 2 cores; ``--repeat 3``
+reports each tool's median run, worth it on a busy machine) or ``--scenario small --tools
+bulkfetch,minimal`` while tuning the engine; ``--quick`` is the tiny mode the smoke test in
+``tests/test_scripts.py`` uses. ``--json OUT`` keeps every measurement, including the engine's
+own result (final and lowest adaptive limit, retries) and the simulator's counters.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class Scenario:
 class ToolRun:
     """One client configuration within a scenario."""
 
-    tool: str  # astroquery | parfive | aria2c | bulkfetch
+    tool: str  # one of TOOLS ("minimal" is the bare-aiohttp yardstick)
     label: str
     options: dict[str, Any] = field(default_factory=dict)
     files: int | None = None  # a subset (astroquery); None = all of the scenario's files
