@@ -142,3 +142,26 @@ def test_quick_bench_bulkfetch_is_always_byte_exact(quick_bench: dict[str, Any])
         assert r["cpu"] > 0 and r["seconds"] > 0
     cpu = _results(quick_bench, "cpu", "bulkfetch")[0]
     assert cpu["cpu_per_gb"] is not None and cpu["cpu_per_gb"] > 0
+
+
+def test_bench_plan_quick_runs_and_agrees_with_astroquery(tmp_path: Path) -> None:
+    """``scripts/bench_plan.py --quick``: the planner benchmark still runs, and its speed
+    comparison is between two planners that produced the same rows (else it would be moot)."""
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_plan.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    scenarios = {s["name"]: s for s in json.loads(out.read_text())["scenarios"]}
+    speed = scenarios["speed"]
+    assert speed["identical"] is True
+    assert speed["rows"] > 0
+    assert speed["astroquery"]["seconds"] > 0 and speed["bulkfetch"]["seconds"] > 0
+    runs = scenarios["scale"]["runs"]
+    assert all(r["rows"] > 0 and r["db_bytes"] > 0 for r in runs)
+    by_sectors = sorted(runs, key=lambda r: r["sectors"])
+    assert by_sectors[-1]["rows"] > by_sectors[0]["rows"]  # more sectors, more rows planned
+    assert "| planner" in proc.stdout
