@@ -7,10 +7,12 @@ What it owns, and why each piece is shaped the way it is:
 * **Work comes from the job state in batches** (:meth:`JobStore.claim`), never as a list of every
   file, so memory does not grow with the size of the job. Only files that are failing right now
   (waiting for their backoff) are remembered in memory.
-* **Adaptive concurrency (AIMD)**: a 429/503 cuts the number of simultaneous downloads to 3/4
-  (once per congestion event: only a request *started after* the last cut can cut again, the
-  way TCP cuts once per round trip), and each ``limit`` saturated successes add one back. An
-  archive that rate-limits is therefore not hammered, and one that recovers gets the speed back.
+* **Adaptive concurrency (AIMD)**: a 429/503 refused just above the most requests in flight
+  the archive ever accepted is a *cap*: the limit snaps to it. One refused below that level is
+  an *overload*: the limit is cut to 3/4 (once per event: only a request *started after* the
+  last cut can cut again, the way TCP cuts once per round trip). Each ``limit`` saturated
+  successes add one back. An archive that rate-limits is therefore not hammered, one with a
+  connection cap is used right up to it, and one that recovers gets the speed back.
 * **Retries** with exponential backoff and full jitter, never shorter than the server's
   ``Retry-After``. The state counts every attempt; the retry budget is per run, so re-running a
   job gives failing files a fresh chance.
@@ -65,6 +67,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
+from . import auth as _auth
 from . import verify as _verify
 from .errors import BulkfetchError, UnsafePathError, UsageError
 from .layout import PART_SUFFIX
@@ -165,6 +168,12 @@ class FetchOptions:
     #: Extra request headers (e.g. an auth token). Never logged, and only sent to the host of
     #: each file's own URL, not across a redirect to another host.
     headers: dict[str, str] | None = None
+    #: MAST API token (``bulkfetch.auth.find_token()`` finds the user's). Sent as
+    #: ``Authorization: token ...`` only over HTTPS to ``token_hosts`` and never across a
+    #: redirect to another origin (``bulkfetch.auth.token_allowed``); kept out of ``repr``.
+    token: str | None = field(default=None, repr=False)
+    #: Hosts (and their subdomains) the token may be sent to.
+    token_hosts: tuple[str, ...] = (_auth.MAST_HOST,)
     #: Verify TLS certificates.
     ssl_verify: bool = True
     #: Honour HTTP(S)_PROXY / NO_PROXY from the environment, as requests and curl do.
@@ -420,15 +429,31 @@ def _status_failure(resp: aiohttp.ClientResponse) -> _Failure:
 # ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One admitted request: when it started and how many others were in flight then."""
+
+    started_at: float
+    in_flight: int
+
+
 class AdaptiveLimiter:
     """How many downloads may be in flight right now: AIMD between ``minimum`` and ``maximum``.
 
     Workers call :meth:`acquire` before a request and :meth:`release` after its body; workers
-    beyond the limit wait in FIFO order. :meth:`congestion` (a 429/503) cuts the limit to
-    :data:`AIMD_DECREASE` of itself and pauses new starts briefly, but
-    only for a request started after the previous cut - all the requests already in flight
-    when the archive became overloaded report the same event, and must not cut again and again.
-    :meth:`success` adds one to the limit per ``limit`` successes while the limit is in use.
+    beyond the limit wait in FIFO order. A 429/503 (:meth:`congestion`) lowers the limit in one
+    of two ways:
+
+    * **a cap**: the refused request was sent with more requests in flight than any accepted
+      one (:meth:`accepted`) since the last cut - the archive caps concurrent downloads, and
+      the limit snaps to just that many. No deeper cut: below the cap the archive serves fine.
+    * **an overload**: refused at a level that worked before - the limit falls to
+      :data:`AIMD_DECREASE` of itself and new starts pause briefly; only a request started
+      after the previous cut can cut again, since all the requests already in flight when the
+      archive became overloaded report the same event.
+
+    :meth:`success` adds one to the limit per ``limit`` successes while the limit is in use, so
+    the engine keeps probing for more and recovers when the archive does.
     """
 
     def __init__(
@@ -450,9 +475,10 @@ class AdaptiveLimiter:
         self._last_cut = -math.inf
         self._pause_until = 0.0
         self._successes = 0
+        self._proven = -1  # most others in flight alongside an accepted request
 
-    async def acquire(self) -> float:
-        """Wait for a free slot; return the loop time at which the request may start."""
+    async def acquire(self) -> Slot:
+        """Wait for a free slot; return it (for :meth:`accepted`/:meth:`congestion`)."""
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
@@ -471,13 +497,19 @@ class AdaptiveLimiter:
                 if fut.done() and not fut.cancelled():
                     self._wake()  # we were woken but leave: pass the turn on
                 raise
+        slot = Slot(loop.time(), self.active)
         self.active += 1
-        return loop.time()
+        return slot
 
     def release(self) -> None:
         """Give a slot back (after the body, success or not)."""
         self.active -= 1
         self._wake()
+
+    def accepted(self, slot: Slot) -> None:
+        """The archive answered ``slot``'s request with a body: that level of concurrency works."""
+        if slot.in_flight > self._proven:
+            self._proven = slot.in_flight
 
     def success(self) -> None:
         """A download completed: additive increase while the limit is actually in use."""
@@ -490,22 +522,31 @@ class AdaptiveLimiter:
             self._successes = 0
             self._set(self.limit + 1)
 
-    def congestion(self, started_at: float, retry_after: float | None) -> None:
-        """A 429/503 for a request started at ``started_at``: cut the limit, pause new starts.
+    def congestion(self, slot: Slot, retry_after: float | None) -> None:
+        """A 429/503 for ``slot``'s request: lower the limit (see the class docstring).
 
         With ``adaptive`` off nothing changes here (fixed concurrency); the failing file still
         waits out its Retry-After.
         """
-        if not self.adaptive or started_at <= self._last_cut:
+        if not self.adaptive:
             return
         now = asyncio.get_running_loop().time()
-        self._last_cut = now
-        self._successes = 0
-        self.cuts += 1
-        pause = START_PAUSE_CAP if retry_after is None else min(retry_after, START_PAUSE_CAP)
-        self._pause_until = max(self._pause_until, now + pause)
-        cut = min(self.limit - 1, int(self.limit * AIMD_DECREASE))
-        self._set(max(self.minimum, cut))
+        new_event = slot.started_at > self._last_cut
+        if slot.in_flight > self._proven:
+            target = max(self.minimum, min(self.limit, slot.in_flight))
+        elif new_event:
+            target = max(self.minimum, min(self.limit - 1, int(self.limit * AIMD_DECREASE)))
+            self._proven = min(self._proven, target - 1)
+        else:
+            return  # the same overload, reported by another request already in flight
+        if new_event:
+            self._last_cut = now
+            self.cuts += 1
+            pause = START_PAUSE_CAP if retry_after is None else min(retry_after, START_PAUSE_CAP)
+            self._pause_until = max(self._pause_until, now + pause)
+        if target < self.limit:
+            self._successes = 0
+            self._set(target)
 
     def _set(self, value: int) -> None:
         if value == self.limit:
@@ -837,6 +878,13 @@ def _default_user_agent() -> str:
     version = getattr(sys.modules.get("bulkfetch"), "__version__", "0")
     py = ".".join(str(v) for v in sys.version_info[:3])
     return f"bulkfetch/{version} aiohttp/{aiohttp.__version__} Python/{py}"
+
+
+def _cert_reason(exc: aiohttp.ClientConnectorCertificateError) -> str:
+    """The short reason of a certificate failure ("self-signed certificate", ...)."""
+    cert_error = getattr(exc, "certificate_error", None)
+    reason = getattr(cert_error, "verify_message", None) or getattr(cert_error, "reason", None)
+    return str(reason or "certificate verify failed")
 
 
 def _origin(url: str | URL) -> tuple[str, str, int | None]:
@@ -1298,9 +1346,9 @@ class Fetcher:
                 sem = self._host_sems[host] = asyncio.Semaphore(opts.host_limit)
             await sem.acquire()
         try:
-            started_at = await self.limiter.acquire()
+            slot = await self.limiter.acquire()
             try:
-                sink = await self._receive(item, paths, offset, started_at)
+                sink = await self._receive(item, paths, offset, slot)
             finally:
                 self.limiter.release()
         finally:
@@ -1341,12 +1389,16 @@ class Fetcher:
         session = self._session
         assert session is not None
         extra = self.options.headers
-        origin = _origin(url) if extra else None
+        token = self.options.token
+        origin = _origin(url) if extra or token else None
         target: str | URL = url
         for _ in range(MAX_REDIRECTS + 1):
             send = headers
-            if extra and _origin(target) == origin:
+            same_origin = origin is not None and _origin(target) == origin
+            if extra and same_origin:
                 send = {**headers, **extra}
+            if token and same_origin:
+                send = {**send, **_auth.auth_headers(str(target), token, self.options.token_hosts)}
             proxy = self._proxy_for(URL(target)) if self._env_proxies else None
             try:
                 resp = await _within(
@@ -1359,6 +1411,14 @@ class Fetcher:
                 ) from exc
             except aiohttp.InvalidURL as exc:
                 raise _Failure(f"invalid URL: {exc}", transient=False) from exc
+            except aiohttp.ClientConnectorCertificateError as exc:
+                # No retry cures a certificate the system does not trust: say so at once.
+                host = URL(target).host
+                raise _Failure(
+                    f"TLS certificate of {host} not trusted "
+                    f"({_cert_reason(exc)}); --insecure skips the check (unsafe)",
+                    transient=False,
+                ) from exc
             except (aiohttp.ClientError, OSError) as exc:
                 raise _Failure(f"connection failed: {type(exc).__name__}", keep_part=True) from exc
             if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
@@ -1374,9 +1434,7 @@ class Fetcher:
             return resp
         raise _Failure(f"more than {MAX_REDIRECTS} redirects", transient=False)
 
-    async def _receive(
-        self, item: WorkItem, paths: _Paths, offset: int, started_at: float
-    ) -> _Sink:
+    async def _receive(self, item: WorkItem, paths: _Paths, offset: int, slot: Slot) -> _Sink:
         """One HTTP exchange: request (resuming at ``offset``), check headers, stream the body."""
         loop = asyncio.get_running_loop()
         headers: dict[str, str] = {}
@@ -1393,6 +1451,8 @@ class Fetcher:
         self._transfers[key] = transfer
         try:
             status = resp.status
+            if status in (200, 206):
+                self.limiter.accepted(slot)
             if status == 200:
                 if offset:
                     log.debug("%s: whole body instead of a range: restarting at 0", item.uri)
@@ -1408,7 +1468,7 @@ class Fetcher:
             else:
                 failure = _status_failure(resp)
                 if failure.congestion:
-                    self.limiter.congestion(started_at, failure.retry_after)
+                    self.limiter.congestion(slot, failure.retry_after)
                 raise failure
             content_type = resp.content_type or ""
             if content_type == "text/html" and not paths.final.lower().endswith((".html", ".htm")):

@@ -750,30 +750,39 @@ def test_rates_and_retry_after_values_parse():
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
 
 
-async def test_the_limiter_cuts_once_per_congestion_event_and_climbs_back():
+async def test_the_limiter_snaps_to_a_cap_cuts_overloads_once_and_climbs_back():
+    from bulkfetch.fetch import Slot
+
     limiter = AdaptiveLimiter(16, minimum=2)
-    starts = [await limiter.acquire() for _ in range(16)]
-    for started in starts:  # all 16 in flight hear "503" for the same overload
-        limiter.congestion(started, retry_after=0.0)
-    assert limiter.limit == 12  # one cut to 3/4, not sixteen
+    slots = [await limiter.acquire() for _ in range(16)]
+    assert [s.in_flight for s in slots] == list(range(16))
+    # A burst against an archive capping at 6: the first six are served, the rest refused.
+    for slot in slots[:6]:
+        limiter.accepted(slot)
+    for slot in slots[6:]:
+        limiter.congestion(slot, retry_after=0.0)
+    assert limiter.limit == 6  # snapped to the cap, not halved again and again
     for _ in range(16):
         limiter.release()
-    later = await limiter.acquire()
-    limiter.congestion(later, retry_after=0.0)  # a request started after the cut: a new event
-    assert limiter.limit == 9
-    limiter.release()
+    # Refused at a level that worked before: an overload, cut to 3/4 once per event.
+    again = [await limiter.acquire() for _ in range(6)]
+    for slot in again:
+        limiter.congestion(slot, retry_after=0.0)
+    assert limiter.limit == 4  # one cut (6 -> 4), though six requests reported it
+    for _ in range(6):
+        limiter.release()
     # Additive increase: one more slot per `limit` successes while the limit is in use...
     held = [await limiter.acquire() for _ in range(limiter.limit)]
-    for _ in range(9):
+    for _ in range(4):
         limiter.success()
-    assert limiter.limit == 10 and len(held) == 9
+    assert limiter.limit == 5 and len(held) == 4
     # ...and none while it is not: an idle client learns nothing about the archive.
     for _ in range(len(held)):
         limiter.release()
     for _ in range(50):
         limiter.success()
-    assert limiter.limit == 10 and limiter.lowest == 9
+    assert limiter.limit == 5 and limiter.lowest == 4
     # Repeated overload drives it down geometrically, never below the minimum.
     for _ in range(20):
-        limiter.congestion(math.inf, None)  # each from a request started after the last cut
+        limiter.congestion(Slot(math.inf, 0), None)  # each from a request after the last cut
     assert limiter.limit == 2
