@@ -124,6 +124,14 @@ _RESERVED_CRITERIA = {
 MAX_QUERY_ROWS = 400_000
 #: Targets per ``query_criteria`` call: keeps the request body and the server's IN list small.
 TARGETS_PER_QUERY = 500
+#: An observation query answering at most this many rows is "small": such queries may all
+#: run at once. Bigger answers (a sector's 20,000 targets: ~100 MB while astroquery parses
+#: them) run one at a time, so peak memory stays flat whatever the number of sectors.
+SMALL_OBS_ANSWER = 1000
+#: Rows per page of an observation query. astroquery parses the pages of one query one after
+#: the other, so a smaller page (MAST's default is 50,000) caps the transient memory of parsing
+#: a sector's 20,000 observations at a quarter, for three extra round trips per big sector.
+OBS_PAGESIZE = 5000
 #: Largest batch of obsids one ``get_product_list`` call may carry.
 MAX_BATCH_SIZE = 1000
 #: Seconds a cached sector discovery stays valid (a new sector appears every ~27 days).
@@ -970,7 +978,7 @@ def _query_obsids(
         if ra is not None:
             crit["s_ra"] = [ra[0], ra[1]]
         what = f"sector {sector}: query_criteria" + (f" s_ra={ra[0]:g}..{ra[1]:g}" if ra else "")
-        table = aq.query_criteria(what, crit)
+        table = aq.query_criteria(what, {**crit, "pagesize": OBS_PAGESIZE})
         if len(table) >= max_rows:
             lo, hi = ra if ra is not None else (0.0, 360.0)
             if hi - lo > 1e-3:
@@ -1137,6 +1145,28 @@ def _unit_totals(store: JobStore, unit: str) -> tuple[int, int]:
     return 0, 0
 
 
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
+
+    Worker threads parse big answers in their own malloc arenas; freed, that memory stays in
+    the arenas and the process's RSS creeps up sector after sector although Python holds no
+    more objects. ``malloc_trim`` returns it, so memory stays flat over a 100-sector plan.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 def _run_sectors(
     store: JobStore | None,
     selection: Selection,
@@ -1154,12 +1184,13 @@ def _run_sectors(
 ) -> int:
     """Query the sectors of ``todo`` on ``workers`` threads; commit each sector when complete.
 
-    The main thread schedules: exactly ``workers`` queries are in flight, and a free thread
+    The main thread schedules: up to ``workers`` queries are in flight, and a free thread
     takes the most urgent task: product batches of the earliest started sector first, then the
     observation query of the next sector. So a big sector is finished (and its rows written)
     before new sectors pile up, while many small sectors overlap each other's round trips. At
     most ``2 * workers`` sectors are started and unwritten at once, which bounds memory whatever
-    the number of sectors. With ``latest_dv_only`` sectors are committed strictly in ``todo``
+    the number of sectors; so does running big observation queries one at a time (see
+    :data:`SMALL_OBS_ANSWER`). With ``latest_dv_only`` sectors are committed strictly in ``todo``
     order (newest first, see :class:`LatestDV`); otherwise each as soon as it is complete.
     Returns the bytes of the products planned (for a dry run's space estimate).
     """
@@ -1167,6 +1198,8 @@ def _run_sectors(
 
     window = 2 * workers
     ordered = selection.latest_dv_only
+    # Observation queries in flight: two until the first answer shows how big sectors are.
+    obs_limit, obs_inflight = min(2, workers), 0
     pending = list(reversed(todo))
     ready: list[tuple[tuple[int, int, int], int, Callable[[], Any], _SectorJob, str, int]] = []
     seq = 0
@@ -1278,6 +1311,8 @@ def _run_sectors(
                 store.set_meta(_META_UNIT + unit, json.dumps({"files": f, "bytes": b}))
                 store.mark_unit_planned(unit, f)
             log.info("sector %d: %d products planned (%d new)", job.sector, len(rows), added)
+        del rows
+        _release_memory()
         bar.update(1)
         bar.set_postfix(files=f"{summary.files:,}")
 
@@ -1290,11 +1325,15 @@ def _run_sectors(
         ]:
             fut.result()
         while pending or jobs:
-            while pending and len(jobs) < window:
+            # big sectors: only the next one waits in line (its obsids cost memory)
+            while pending and len(jobs) < (window if obs_limit > 1 else 2):
                 start_next()
             while ready and len(inflight) < workers:
+                if ready[0][4] == "obs" and obs_inflight >= obs_limit:
+                    break  # batches sort first, so none is waiting either
                 _, _, fn, job, stage, index = heapq.heappop(ready)
                 inflight[pool.submit(fn)] = (job, stage, index)
+                obs_inflight += stage == "obs"
             if not inflight:  # pragma: no cover - would be a scheduling bug
                 raise RuntimeError(f"planner lost track of sectors {sorted(jobs)}")
             done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
@@ -1302,6 +1341,10 @@ def _run_sectors(
                 job, stage, index = inflight.pop(fut)
                 result = fut.result()  # a worker's error surfaces here, naming its sector
                 if stage == "obs":
+                    obs_inflight -= 1
+                    # a big answer (a whole sector of 2-min targets) costs ~100 MB while
+                    # astroquery parses it: then one at a time; small ones overlap freely
+                    obs_limit = workers if len(result) <= SMALL_OBS_ANSWER else 1
                     job.obsids[index] = result
                     job.obs_left -= 1
                     if job.obs_left == 0:
