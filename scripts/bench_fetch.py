@@ -278,6 +278,8 @@ class ToolResult:
     note: str = ""
     #: Download-phase seconds of every repeat (this result is the median one).
     all_seconds: list[float] = field(default_factory=list)
+    #: End of the client's stderr when it failed (the logs are deleted without ``--keep``).
+    stderr_tail: str = ""
 
     @property
     def mb_per_s(self) -> float | None:
@@ -431,6 +433,7 @@ def run_tool(
         server_cpu=server_cpu,
         worker=report,
         note=note,
+        stderr_tail=done.stderr_tail if done.returncode != 0 or report is None else "",
     )
     log.info(
         "%s: %s -> %d/%d correct, %.2f s, %s MB/s, %s files/s, peak %s conns, %d x 503",
