@@ -169,8 +169,8 @@ class FetchOptions:
     #: each file's own URL, not across a redirect to another host.
     headers: dict[str, str] | None = None
     #: MAST API token (``bulkfetch.auth.find_token()`` finds the user's). Sent as
-    #: ``Authorization: token ...`` only over HTTPS to ``token_hosts`` and never across a
-    #: redirect to another origin (``bulkfetch.auth.token_allowed``); kept out of ``repr``.
+    #: ``Authorization: token ...`` only over verified HTTPS to ``token_hosts`` and never
+    #: across a redirect to another origin (``bulkfetch.auth.token_allowed``); not in ``repr``.
     token: str | None = field(default=None, repr=False)
     #: Hosts (and their subdomains) the token may be sent to.
     token_hosts: tuple[str, ...] = (_auth.MAST_HOST,)
@@ -444,9 +444,10 @@ class AdaptiveLimiter:
     beyond the limit wait in FIFO order. A 429/503 (:meth:`congestion`) lowers the limit in one
     of two ways:
 
-    * **a cap**: the refused request was sent with more requests in flight than any accepted
-      one (:meth:`accepted`) since the last cut - the archive caps concurrent downloads, and
-      the limit snaps to just that many. No deeper cut: below the cap the archive serves fine.
+    * **a cap**: the refused request was sent with (about) as many requests in flight as the
+      most any accepted one (:meth:`accepted`) had since the last cut, or more - the archive
+      caps concurrent downloads, and the limit snaps to just that many. No deeper cut: below
+      the cap the archive serves fine.
     * **an overload**: refused at a level that worked before - the limit falls to
       :data:`AIMD_DECREASE` of itself and new starts pause briefly; only a request started
       after the previous cut can cut again, since all the requests already in flight when the
@@ -530,20 +531,26 @@ class AdaptiveLimiter:
         """
         if not self.adaptive:
             return
-        now = asyncio.get_running_loop().time()
-        new_event = slot.started_at > self._last_cut
-        if slot.in_flight > self._proven:
-            target = max(self.minimum, min(self.limit, slot.in_flight))
-        elif new_event:
+        k = slot.in_flight
+        if slot.started_at <= self._last_cut:
+            # Sent before the last cut: old news, except that it can still place a cap more
+            # precisely (the refusals of one burst arrive in any order).
+            if k > self._proven and k < self.limit:
+                self._set(max(self.minimum, k))
+            return
+        # Near the proven level counts as the cap too: the archive frees a connection a moment
+        # after we have read its last byte, so a request sent right then is refused at a level
+        # that just worked, by the cap and not by any overload.
+        if k >= self._proven - max(1, self._proven // 8):
+            target = max(self.minimum, min(self.limit, k))
+        else:
             target = max(self.minimum, min(self.limit - 1, int(self.limit * AIMD_DECREASE)))
             self._proven = min(self._proven, target - 1)
-        else:
-            return  # the same overload, reported by another request already in flight
-        if new_event:
-            self._last_cut = now
-            self.cuts += 1
-            pause = START_PAUSE_CAP if retry_after is None else min(retry_after, START_PAUSE_CAP)
-            self._pause_until = max(self._pause_until, now + pause)
+        now = asyncio.get_running_loop().time()
+        self._last_cut = now
+        self.cuts += 1
+        pause = START_PAUSE_CAP if retry_after is None else min(retry_after, START_PAUSE_CAP)
+        self._pause_until = max(self._pause_until, now + pause)
         if target < self.limit:
             self._successes = 0
             self._set(target)
@@ -1389,7 +1396,8 @@ class Fetcher:
         session = self._session
         assert session is not None
         extra = self.options.headers
-        token = self.options.token
+        # Without certificate checks HTTPS proves nothing about the peer: no token then.
+        token = self.options.token if self.options.ssl_verify else None
         origin = _origin(url) if extra or token else None
         target: str | URL = url
         for _ in range(MAX_REDIRECTS + 1):
