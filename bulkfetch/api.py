@@ -361,6 +361,13 @@ class Job:
         elif option_kwargs:
             options = replace(options, **option_kwargs)
         options.validate()
+        if options.token is None:
+            # $MAST_API_TOKEN or astroquery's login; the engine decides where it may go.
+            from .auth import find_token
+
+            token = find_token()
+            if token:
+                options = replace(options, token=token)
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
         store = self.store

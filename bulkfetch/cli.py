@@ -275,6 +275,12 @@ def _add_fetch_options(p: argparse.ArgumentParser) -> None:
         f"(default: adaptive {_fmt_default(d.get('adaptive', True))})",
     )
     g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do NOT verify the archive's TLS certificate (unsafe: anyone on the way can "
+        "swap the files); prints a warning (default: verify)",
+    )
+    g.add_argument(
         "--skip-errors",
         action="store_true",
         help="do not retry products that ended in error in an earlier run (default: retry them)",
@@ -568,6 +574,12 @@ def _fetch_options(args: argparse.Namespace) -> Any:
         given["verify"] = args.verify
     if getattr(args, "no_adaptive", False) and "adaptive" in known:
         given["adaptive"] = False
+    if getattr(args, "insecure", False):
+        given["ssl_verify"] = False
+        _note(
+            "WARNING: --insecure: TLS certificates are NOT verified; a man in the middle can "
+            "replace the files (the MAST token is still never sent without verification)"
+        )
     options = FetchOptions(**given)
     try:
         options.validate()
@@ -685,7 +697,8 @@ def _do_plan(args: argparse.Namespace, job: Any) -> int:
         "retries": args.query_retries,
     }
     if args.from_table:
-        summary = job.plan(table=args.from_table, flat=args.flat, dry_run=args.dry_run)
+        table = _checked_table(args.from_table, job, flat=args.flat)
+        summary = job.plan(table=table, flat=args.flat, dry_run=args.dry_run)
     elif args.from_curl_script:
         summary = job.plan(curl_scripts=args.from_curl_script, flat=args.flat, dry_run=args.dry_run)
     else:
@@ -704,7 +717,51 @@ def _do_plan(args: argparse.Namespace, job: Any) -> int:
 
         rows = export_plan(job.store, args.export)
         _out(f"exported {rows} planned products to {args.export}")
+    refused = int(getattr(summary, "refused", 0) or 0)
+    if refused and not args.dry_run:
+        # The catalog named files we will not write (outside DIR, or clashing): the job
+        # cannot be complete, so the command must not end with 0.
+        _note(
+            f"bulkfetch: {refused} product(s) refused: their catalog path would leave "
+            f"{job.directory} or clash with another product; they are not downloaded "
+            "(see the warnings above)"
+        )
+        return EXIT_ERRORS
     return EXIT_OK
+
+
+def _checked_table(path: str, job: Any, *, flat: bool) -> Any:
+    """The product table of ``--from-table``, refused as a whole if any row is unusable.
+
+    A table is the user's own input: better one clear error and nothing planned than a job
+    that silently lacks rows. Refused: no rows, no ``size`` column (nothing to check the
+    downloads against), a dataURI that is not MAST's, and every row the planner refuses
+    (a path that would leave DIR, two products on one file name).
+    """
+    from .plan import read_table
+
+    table = read_table(path)
+    if len(table) == 0:
+        raise UsageError(f"the product table {path} has no rows: nothing to download")
+    if "size" not in table.colnames:
+        raise UsageError(
+            f"the product table {path} lacks the column size, needed to verify the downloads "
+            "(a table from astroquery's get_product_list has it)"
+        )
+    if "dataURI" in table.colnames:
+        for i, uri in enumerate(table["dataURI"]):
+            if not str(uri).startswith("mast:"):
+                raise UsageError(
+                    f"the product table {path}, row {i + 1}: dataURI {str(uri)!r} is not a MAST "
+                    "data URI (mast:...); nothing was planned"
+                )
+    probe = job.plan(table=table, flat=flat, dry_run=True)
+    if probe.refused:
+        raise UsageError(
+            f"the product table {path}: {probe.refused} row(s) refused, e.g. "
+            f"{probe.refused_examples[0]}; fix the table and rerun (nothing was planned)"
+        )
+    return table
 
 
 def _signal_exit(result: Any) -> int | None:
@@ -751,10 +808,10 @@ def cmd_tess(args: argparse.Namespace) -> int:
     from .api import Job
 
     with _server(args, args.directory) as server, Job(args.directory, server=server) as job:
-        _do_plan(args, job)
+        planned = _do_plan(args, job)
         if args.dry_run:
             return EXIT_OK
-        return _do_fetch(args, job)
+        return max(planned, _do_fetch(args, job))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
