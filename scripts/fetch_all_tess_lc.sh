@@ -10,8 +10,9 @@
 #
 # The knobs, and why:
 #   --products lc        2-min light curves only (productSubGroupDescription LC).
-#   --concurrency 16     16 downloads at once fill ~40 MB/s at MAST's ~0.3 s first-byte latency;
-#                        adaptive concurrency backs off by itself if MAST answers 429/503.
+#   --concurrency 16     twice the polite default of 8: with ~0.3 s to the first byte, per-file
+#                        latency, not bandwidth, bounds a few connections; adaptive concurrency
+#                        backs off by itself if MAST answers 429/503.
 #   --retries 10         a multi-day run meets every transient fault MAST has; 10 attempts with
 #                        exponential backoff ride out outages of several minutes per file.
 #   --stall-timeout 120  a connection silent for 2 minutes is dropped and resumed by Range.
