@@ -1589,7 +1589,8 @@ class Fetcher:
 
     # -- outcomes ---------------------------------------------------------------------------
     def _succeed(self, item: WorkItem, checked: _Checked, adopted: bool) -> None:
-        self.store.finish(item.uri, checked.size, checked.sha256)
+        # --verify size computes no digest: record NULL ("unknown"), not a digest that is "".
+        self.store.finish(item.uri, checked.size, checked.sha256 or None)  # type: ignore[arg-type]
         self._run_attempts.pop(item.uri, None)
         if adopted:
             self.adopted += 1

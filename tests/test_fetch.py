@@ -191,6 +191,15 @@ def test_downloads_every_file_byte_exact_without_head_requests(mast_sim, tmp_pat
     store.close()
 
 
+def test_size_only_verification_records_no_digest(mast_sim, tmp_path):
+    sim = mast_sim()
+    rows = lc_products(sim, 5)
+    store = planned(tmp_path, rows)
+    assert fetch(store, tmp_path, quick(verify="size")).done == len(rows)
+    assert_exact(sim, tmp_path, rows)
+    assert all(r.sha256 is None and r.status == DONE for r in records(store).values())
+
+
 def test_a_second_run_requests_nothing(mast_sim, tmp_path):
     sim = mast_sim()
     rows = lc_products(sim, 30)
