@@ -379,20 +379,39 @@ class Job:
             store.release_lock()
             raise
         events = progress if isinstance(progress, Progress) else make_progress(progress)
+        stopped_by: BaseException | None = None
         try:
             # We hold the lock already; the engine must not release it under our feet.
             engine_options = replace(options, lock=False)
             result = run_engine(
                 store, self.root, engine_options, events, install_signals=handle_signals
             )
+        except BaseException as exc:
+            stopped_by = exc
+            raise
         finally:
             events.close()
             try:
                 if manifest:
-                    self.manifest()
+                    self._final_manifest(stopped_by)
             finally:
                 store.release_lock()
         return result
+
+    def _final_manifest(self, stopped_by: BaseException | None) -> None:
+        """Write the manifest after a run; never let its failure hide why the run stopped.
+
+        A full or read-only disk stops the engine with a clear error, and then the manifest
+        cannot be written either: the user must see the first error, not the second.
+        """
+        try:
+            self.manifest()
+        except OSError as exc:
+            if stopped_by is None:
+                raise StateError(
+                    f"cannot write the manifest in {self.directory}: {exc.strerror or exc}"
+                ) from exc
+            log.warning("could not write the manifest: %s", exc.strerror or exc)
 
     def _retry_errors(self) -> int:
         """Return every ``error`` row to pending (keeping why it failed last time)."""

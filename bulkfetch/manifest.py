@@ -30,6 +30,7 @@ a manifest.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -268,16 +269,17 @@ def write_rows(
                 writer.writerow(["" if v is None else v for v in row])
             if ecsv_fh is not None:
                 ecsv_fh.write(_ecsv_line(row))
+        for fh in (csv_fh, ecsv_fh):
+            if fh is not None:
+                fh.close()  # the last write happens here: a full disk fails here, too
     except BaseException:
         for fh in (csv_fh, ecsv_fh):
             if fh is not None:
-                fh.close()
+                with contextlib.suppress(OSError):
+                    fh.close()
         for t in tmp.values():
             t.unlink(missing_ok=True)
         raise
-    for fh in (csv_fh, ecsv_fh):
-        if fh is not None:
-            fh.close()
     for final, t in tmp.items():
         os.replace(t, final)
         summary.paths.append(final)
