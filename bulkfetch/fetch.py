@@ -166,7 +166,7 @@ class FetchOptions:
     claim_batch: int = 64
     #: Bodies up to this many bytes are assembled in memory and written once verified; larger
     #: ones stream to ``.part`` (and can resume with Range after a crash). 0 = always stream.
-    memory_limit: int = 8 << 20
+    memory_limit: int = 4 << 20
     #: User-Agent header; ``None`` = ``bulkfetch/<version> aiohttp/<version> Python/<version>``.
     user_agent: str | None = None
     #: Extra request headers (e.g. an auth token). Never logged, and only sent to the host of
