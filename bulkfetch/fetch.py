@@ -17,12 +17,13 @@ What it owns, and why each piece is shaped the way it is:
   ``Retry-After``. The state counts every attempt; the retry budget is per run, so re-running a
   job gives failing files a fresh chance.
 * **Bodies land in ``<final>.part``** and are renamed only once complete and verified, so a bad
-  file never sits under a final name. Bodies up to ``memory_limit`` (the ~2 MB light curves)
-  are assembled in memory and written once, verified: no file I/O on the event loop while they
-  arrive and no second read of the file. Larger bodies stream to the ``.part`` (flushed and
-  recorded once a second), and a later attempt or run continues them with
+  file never sits under a final name. Bodies above 128 KiB go through the ``.part`` as they
+  arrive (flushed and recorded once a second), so a kill -9 loses at most a write buffer of
+  each, and a later attempt or run continues them with
   ``Range: bytes=N-`` guarded by ``If-Range`` (the ETag lives in ``<final>.part.etag``). A server
   that answers a range request with 200 gets the file restarted from byte 0, never appended.
+  Bodies up to ``memory_limit`` (the ~2 MB light curves) are also kept in memory while they
+  arrive, so verifying them needs no second read of the file.
 * **Verification** (``verify``): ``size`` checks bytes received == Content-Length == the product
   table's size; ``sha256`` adds the digest (compared with a known one when the state has it);
   ``fits`` (default) also checks every HDU's CHECKSUM of FITS files. The digest is taken in
@@ -113,6 +114,7 @@ _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES
 #: Bodies up to this size are verified and written on the event loop itself: for them the
 #: hand-off to a thread (futures, a wake-up, and GIL ping-pong with the loop on every syscall)
 #: costs more CPU than the work, and the work blocks the loop for well under a millisecond.
+#: Bodies up to this size also stay in memory only until verified (not worth a .part).
 _INLINE_LIMIT = 128 << 10
 #: Files above this size are verified by streaming over them rather than reading them at once.
 _READ_WHOLE_LIMIT = 64 << 20
@@ -164,8 +166,9 @@ class FetchOptions:
     backoff_max: float = 60.0
     #: Rows leased from the state per claim; also how far ahead of the workers we read.
     claim_batch: int = 64
-    #: Bodies up to this many bytes are assembled in memory and written once verified; larger
-    #: ones stream to ``.part`` (and can resume with Range after a crash). 0 = always stream.
+    #: Bodies above 128 KiB always stream through ``.part`` (a crash loses at most the write
+    #: buffer; the next run resumes with Range). Up to this many bytes they are also kept in
+    #: memory, so they are verified without reading the file back; 0 = always read back.
     memory_limit: int = 4 << 20
     #: User-Agent header; ``None`` = ``bulkfetch/<version> aiohttp/<version> Python/<version>``.
     user_agent: str | None = None
@@ -614,18 +617,24 @@ class _Paths:
 
 
 class _Sink:
-    """A body being received: in memory up to ``spill`` bytes, then streamed to the ``.part``.
+    """A body being received.
 
-    ``offset`` bytes are already on disk (a resumed part); then we stream from the start.
+    Small bodies (up to ``spool`` bytes) live in memory only until verified: a thread hand-off
+    or a file per chunk would cost more than losing them to a crash. Anything larger goes
+    *through* the ``.part`` as it arrives (a kill -9 loses at most the write buffer and the
+    next run resumes with Range) while its chunks are also kept in memory up to ``keep``
+    bytes, so verification needs no second read of the file. ``offset`` bytes are already on
+    disk (a resumed part): such a body is streamed to disk only and read back to verify.
     """
 
-    def __init__(self, paths: _Paths, offset: int, spill: int, etag: str | None) -> None:
+    def __init__(self, paths: _Paths, offset: int, spool: int, keep: int, etag: str | None) -> None:
         self.paths = paths
         self.offset = offset
-        self.spill = spill
+        self.spool = spool
+        self.keep = keep
         self.etag = etag
         self.received = 0
-        self.chunks: list[bytes] = []
+        self.chunks: list[bytes] | None = [] if offset == 0 else None
         self.fh: Any = None
         if offset > 0:
             try:
@@ -643,34 +652,38 @@ class _Sink:
     def write(self, data: bytes) -> None:
         self.received += len(data)
         try:
-            if self.fh is None:
-                self.chunks.append(data)
-                if self.received > self.spill:
-                    self._to_disk()
-            else:
+            chunks = self.chunks
+            if chunks is None:  # on disk only
                 self.fh.write(data)
+                return
+            chunks.append(data)
+            if self.fh is not None:
+                self.fh.write(data)
+            elif self.received > self.spool or self.received > self.keep:
+                self._open_part()  # writes what is in memory, this chunk included
+            if self.received > self.keep:
+                self.chunks = None  # too big to hold as well: the .part has it all
         except OSError as exc:
             raise _LocalError(f"cannot write {self.paths.part}: {exc}") from exc
 
-    def _to_disk(self) -> None:
-        """Move what is in memory to a fresh ``.part`` (with its ETag beside it)."""
+    def _open_part(self) -> None:
+        """Start a fresh ``.part`` (with its ETag beside it) holding what is in memory."""
         os.makedirs(os.path.dirname(self.paths.part), exist_ok=True)
         self.fh = open(self.paths.part, "wb", buffering=_WRITE_BUFFER)  # noqa: SIM115
-        self.fh.writelines(self.chunks)
-        self.chunks = []
+        self.fh.writelines(self.chunks or ())
         _write_etag(self.paths, self.etag)
 
     def park(self) -> None:
         """Keep what arrived as a ``.part`` for a later resume (interrupt, mid-body failure)."""
         try:
             if self.fh is None and self.received > 0:
-                self._to_disk()
+                self._open_part()
             if self.fh is not None:
                 self.fh.close()
         except OSError as exc:
             log.warning("could not keep partial %s: %s", self.paths.part, exc)
         self.fh = None
-        self.chunks = []
+        self.chunks = None
 
     def discard(self) -> None:
         """Forget the body and any ``.part``: the bytes cannot be trusted."""
@@ -678,7 +691,7 @@ class _Sink:
             with contextlib.suppress(OSError):
                 self.fh.close()
             self.fh = None
-        self.chunks = []
+        self.chunks = None
         _remove_part(self.paths)
 
 
@@ -711,8 +724,8 @@ class _Landing:
     """Everything the verifying thread needs to turn a body into a final file."""
 
     paths: _Paths
-    chunks: list[bytes] | None  # the whole body in memory, or None: it is in the .part
-    fh: Any  # open .part writer to close first, or None
+    chunks: list[bytes] | None  # the whole body in memory, or None: read it from the .part
+    fh: Any  # open .part writer to close first, or None: the body is in memory only
     expected_size: int | None
     known_sha256: str | None
     mode: str
@@ -785,7 +798,12 @@ def _land(job: _Landing) -> _Checked:
     """
     paths = job.paths
     try:
-        if job.chunks is not None:
+        if job.fh is not None:  # the body went through the .part: complete it on disk
+            if job.fsync:
+                job.fh.flush()
+                os.fsync(job.fh.fileno())
+            job.fh.close()
+        if job.chunks is not None:  # verify from memory, no second read
             data = job.chunks[0] if len(job.chunks) == 1 else b"".join(job.chunks)
             checked = _check_bytes(
                 data, job.expected_size, job.known_sha256, job.mode, paths.is_fits
@@ -793,18 +811,14 @@ def _land(job: _Landing) -> _Checked:
             if checked.problems:
                 _remove_part(paths)
                 return checked
-            os.makedirs(os.path.dirname(paths.part), exist_ok=True)
-            with open(paths.part, "wb") as fh:
-                fh.write(data)
-                if job.fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
+            if job.fh is None:  # memory only so far: write it now that it is known good
+                os.makedirs(os.path.dirname(paths.part), exist_ok=True)
+                with open(paths.part, "wb") as fh:
+                    fh.write(data)
+                    if job.fsync:
+                        fh.flush()
+                        os.fsync(fh.fileno())
         else:
-            if job.fh is not None:
-                if job.fsync:
-                    job.fh.flush()
-                    os.fsync(job.fh.fileno())
-                job.fh.close()
             checked = _check_path(
                 paths.part, job.expected_size, job.known_sha256, job.mode, paths.is_fits
             )
@@ -812,7 +826,7 @@ def _land(job: _Landing) -> _Checked:
                 _remove_part(paths)
                 return checked
         os.replace(paths.part, paths.final)
-        if job.chunks is None:  # only a body that went through the disk can have an ETag file
+        if job.fh is not None or job.chunks is None:  # a body that went through the disk
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(paths.etag)
         return checked
@@ -1365,17 +1379,9 @@ class Fetcher:
         finally:
             if sem is not None:
                 sem.release()
-        job = _Landing(
-            paths,
-            sink.chunks if sink.fh is None else None,
-            sink.fh,
-            item.size,
-            item.sha256,
-            opts.verify,
-            opts.fsync,
-        )
+        job = _Landing(paths, sink.chunks, sink.fh, item.size, item.sha256, opts.verify, opts.fsync)
         sink.fh = None
-        if job.chunks is not None and sink.total <= _INLINE_LIMIT:
+        if job.fh is None and job.chunks is not None and sink.total <= _INLINE_LIMIT:
             checked = _land(job)
         else:
             checked = await self._in_thread(_land, job)
@@ -1491,12 +1497,9 @@ class Fetcher:
                     f"server announces {offset + length} bytes, the product table {item.size}"
                 )
             etag = resp.headers.get("ETag")
-            spill = self.options.memory_limit
-            if (item.size or length or 0) > spill:
-                # Known to be large: stream to the .part from the first byte, so a kill -9
-                # loses at most the write buffer, not everything before the spill point.
-                spill = 0
-            sink = _Sink(paths, offset, spill, etag)
+            # A body known to be large goes to the .part from its first byte.
+            spool = 0 if (item.size or length or 0) > _INLINE_LIMIT else _INLINE_LIMIT
+            sink = _Sink(paths, offset, spool, self.options.memory_limit, etag)
             transfer.sink = sink
             transfer.offset = offset
             await self._stream(resp, sink, transfer, paths, item)
@@ -1506,10 +1509,9 @@ class Fetcher:
             resp.close()
             if sink is not None:
                 self.bytes_wasted += sink.received
-                # Keep good bytes of a large body for a Range resume; a small one is cheaper
-                # to fetch again than to track.
-                large = sink.fh is not None or (item.size or 0) > self.options.memory_limit
-                if failure.keep_part and large:
+                # Keep good bytes of a body on disk for a Range resume; a small one is
+                # cheaper to fetch again than to track.
+                if failure.keep_part and sink.fh is not None:
                     sink.park()
                 else:
                     sink.discard()

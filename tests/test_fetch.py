@@ -446,7 +446,7 @@ _RUNNER = textwrap.dedent(
     from bulkfetch.store import open_store
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     store = open_store(sys.argv[1], create=False)
-    options = FetchOptions(concurrency=4, memory_limit=0, backoff_base=0.01)
+    options = FetchOptions(concurrency=4, backoff_base=0.01)  # default body handling
     result = fetch(store, sys.argv[1], options, install_signals=True)
     store.close()
     print(result.summary(), flush=True)
@@ -485,9 +485,9 @@ def _wait_for(predicate: Any, timeout: float = 20.0) -> None:
 
 
 def _slow_sim_rows(mast_sim: Any) -> tuple[MastSimulator, list[PlannedProduct]]:
-    # ~100 KB light curves at 40 KB/s per connection: each takes ~2.5 s, so a kill lands with
-    # files finished, files part-way, and files not started.
-    sim = mast_sim(scale=0.05, conn_bandwidth=40_000, seed=11)
+    # ~200 KB light curves (large enough to go through .part) at 100 KB/s per connection: each
+    # takes ~2 s, so a kill lands with files finished, files part-way, and files not started.
+    sim = mast_sim(scale=0.1, conn_bandwidth=100_000, seed=11)
     return sim, lc_products(sim, 24)
 
 
