@@ -418,6 +418,25 @@ def test_read_only_directory_then_resume(
     assert_complete(d, sim)
 
 
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to mount a read-only filesystem")
+def test_read_only_filesystem_from_the_start(
+    sim: MastSimulator, good_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DIR on a read-only filesystem: one line naming the problem, exit 1, nothing created."""
+    disk = tmp_path / "ro"
+    with mounted(disk, "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"):
+        argv = ["tess", str(disk / "job"), "--mast-url", sim.url, "--from-table",
+                str(good_table), "--no-progress"]  # fmt: skip
+        code, _, err = run(argv, capsys)
+        assert code == 1
+        assert "Read-only file system" in error_line(err)
+        assert list(disk.iterdir()) == []
+        _mount("-o", "remount,rw", str(disk))
+        code, _, err = run(argv, capsys)
+        assert code == 0, err
+        assert_complete(disk / "job", sim)
+
+
 @contextmanager
 def _chmod(path: Path, mode: int) -> Iterator[None]:
     old = path.stat().st_mode
