@@ -409,6 +409,10 @@ def run_tool(
     phase_cpu = float(report["cpu"]) if report else done.cpu
     if report and report.get("note"):
         note = (note + "; " if note else "") + str(report["note"])
+    recorded = (report or {}).get("state_done")
+    if recorded is not None and recorded != len(products):
+        # The files may be right on disk, but a job state that disagrees breaks resumption.
+        note = (note + "; " if note else "") + f"job state records {recorded} done"
     result = ToolResult(
         scenario=scenario.name,
         tool=run.tool,
@@ -564,8 +568,11 @@ def worker_bulkfetch(spec_path: str) -> int:
     options = FetchOptions(**spec["options"])
     with PhaseMeter() as meter:
         result = fetch(store, root, options)
-    counts = store.counts()
     store.close()
+    # Read the state back from disk, as the next `bulkfetch fetch DIR` would see it.
+    reopened = open_store(root)
+    counts = reopened.counts()
+    reopened.close()
     summary = {
         key: (value if isinstance(value, int | float | str | None) else repr(value))
         for key, value in dataclasses.asdict(result).items()
@@ -579,6 +586,7 @@ def worker_bulkfetch(spec_path: str) -> int:
             "plan_seconds": plan_meter.wall,
             "result": summary,
             "errors": errors,
+            "state_done": counts.get("done", (0, 0))[0],
             "note": note,
         }
     )

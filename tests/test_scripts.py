@@ -139,6 +139,7 @@ def test_quick_bench_bulkfetch_is_always_byte_exact(quick_bench: dict[str, Any])
     assert {r["scenario"] for r in runs} == {"equal", "cap", "small", "cpu"}
     for r in runs:
         assert r["ok"] == r["files"] > 0, r
+        assert r["worker"]["state_done"] == r["files"]  # the job state, read back, agrees
         assert r["cpu"] > 0 and r["seconds"] > 0
     cpu = _results(quick_bench, "cpu", "bulkfetch")[0]
     assert cpu["cpu_per_gb"] is not None and cpu["cpu_per_gb"] > 0
