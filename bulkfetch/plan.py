@@ -199,16 +199,20 @@ class Selection:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def validate(self) -> None:
-        """Refuse what cannot be planned, before any query is sent."""
+        """Refuse what cannot be planned, before any query is sent; normalise kinds and TICs.
+
+        Normalising here (``"LC"`` -> ``"lc"``, ``"TIC 0025155310"`` -> ``"25155310"``) makes
+        two spellings of one selection share a fingerprint, hence their planned units.
+        """
         if not self.kinds:
             raise UsageError("no product kinds selected; valid kinds: " + ", ".join(PRODUCT_KINDS))
-        parse_kinds(",".join(self.kinds))
+        self.kinds = parse_kinds(",".join(self.kinds))
         if self.sectors is not None:
-            bad = [s for s in self.sectors if not isinstance(s, int) or s < 1]
+            bad = [s for s in self.sectors if type(s) is not int or s < 1]
             if bad:
                 raise UsageError(f"invalid sector number(s): {bad}")
-        if self.targets is not None and not self.targets:
-            raise UsageError("the target list is empty")
+        if self.targets is not None:
+            self.targets = parse_targets(self.targets)
         for name in self.criteria:
             reason = _RESERVED_CRITERIA.get(name.lower())
             if reason:
@@ -458,7 +462,7 @@ class _Astroquery:
     def call(self, what: str, fn: Callable[[ObservationsClass], T]) -> T:
         return _with_retries(lambda: fn(self.obs), what, retries=self.retries, backoff=self.backoff)
 
-    def warm_column_config(self, service: str, fetch_name: str | None = None) -> None:
+    def warm_column_config(self, what: str, service: str, fetch_name: str | None = None) -> None:
         """Fetch one column config into astroquery's per-process cache, if not there yet.
 
         Every fresh thread would otherwise fetch the same config at its first query (the cache
@@ -471,7 +475,8 @@ class _Astroquery:
         fetch = getattr(portal, "_get_col_config", None)
         if not isinstance(cache, dict) or fetch is None or cache.get(service):
             return
-        self.call(f"column config {fetch_name or service}", lambda obs: fetch(service, fetch_name))
+        label = f"{what}: column config {fetch_name or service}"
+        self.call(label, lambda obs: fetch(service, fetch_name))
 
     def query_criteria(self, what: str, criteria: dict[str, Any]) -> Table:
         return self.call(what, lambda obs: obs.query_criteria(**criteria))
@@ -1319,9 +1324,10 @@ def _run_sectors(
     try:
         # query_criteria and get_product_list each need a column config first: fetch both
         # now, in parallel, not once per thread (see _Astroquery.warm_column_config).
+        first = f"sector {todo[0][0]}"
         for fut in [
-            pool.submit(aq.warm_column_config, "Mast.Caom.Filtered", "Mast.Caom.Cone"),
-            pool.submit(aq.warm_column_config, "Mast.Caom.Products"),
+            pool.submit(aq.warm_column_config, first, "Mast.Caom.Filtered", "Mast.Caom.Cone"),
+            pool.submit(aq.warm_column_config, first, "Mast.Caom.Products"),
         ]:
             fut.result()
         while pending or jobs:
