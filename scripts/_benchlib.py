@@ -474,6 +474,7 @@ class TreeCheck:
     ok: int
     wrong: int
     missing: int
+    ok_bytes: int = 0  # sizes of the correct files: what a throughput may count
 
     @property
     def total(self) -> int:
@@ -503,7 +504,10 @@ def check_tree(
     with ThreadPoolExecutor(workers) as pool:
         outcomes = list(pool.map(one, products))
     return TreeCheck(
-        ok=outcomes.count("ok"), wrong=outcomes.count("wrong"), missing=outcomes.count("missing")
+        ok=outcomes.count("ok"),
+        wrong=outcomes.count("wrong"),
+        missing=outcomes.count("missing"),
+        ok_bytes=sum(p.size for p, o in zip(products, outcomes, strict=True) if o == "ok"),
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -57,6 +58,7 @@ from _benchlib import (  # noqa: E402  (the line above makes the sibling module 
     fmt,
     markdown_table,
     ratio,
+    run_client,
     select_lc_products,
     status_count,
 )
@@ -335,6 +337,10 @@ def write_aria2c_input(path: Path, products: Sequence[Product]) -> None:
             fh.write(f"{p.url}\n  out={p.relpath}\n")
 
 
+#: Numbers the run directories, so repeats of one tool never share a directory.
+_RUN_NUMBERS = itertools.count()
+
+
 def worker_command(spec_path: Path, tool: str) -> list[str]:
     """This script, re-run as a worker that downloads with ``tool`` and reports measurements."""
     return [sys.executable, str(Path(__file__).resolve()), "--worker", tool, str(spec_path)]
@@ -351,9 +357,7 @@ def run_tool(
     timeout: float,
 ) -> ToolResult:
     """Download ``products`` with one client into a fresh directory, then measure and check."""
-    from _benchlib import run_client
-
-    slug = f"{scenario.name}-{len(list(workdir.glob(f'{scenario.name}-*')))}-{run.tool}"
+    slug = f"{scenario.name}-{next(_RUN_NUMBERS)}-{run.tool}"
     root = workdir / slug
     root.mkdir(parents=True)
     logs = workdir / "logs"
@@ -387,15 +391,6 @@ def run_tool(
     server_cpu = None if server_cpu0 is None or server_cpu1 is None else server_cpu1 - server_cpu0
     stats = sim.stats()
     check = check_tree(root, products, truth)
-    sizes = {p.uri: p.size for p in products}
-    ok_bytes = sum(
-        sizes[p.uri]
-        for p in products
-        if (root / p.relpath).is_file() and (root / p.relpath).stat().st_size == sizes[p.uri]
-    )
-    if check.wrong or check.missing:
-        # Only correct files count; size-equal but wrong files must not inflate the rate.
-        ok_bytes = int(ok_bytes * check.ok / max(check.ok + check.wrong, 1))
     report = done.report
     note = ""
     if done.returncode != 0:
@@ -418,11 +413,11 @@ def run_tool(
         tool=run.tool,
         label=run.label,
         files=len(products),
-        bytes=sum(sizes.values()),
+        bytes=sum(p.size for p in products),
         ok=check.ok,
         wrong=check.wrong,
         missing=check.missing,
-        ok_bytes=ok_bytes,
+        ok_bytes=check.ok_bytes,
         seconds=phase_s,
         cpu=phase_cpu,
         process_seconds=done.wall,

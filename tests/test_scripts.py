@@ -58,6 +58,7 @@ def test_check_tree_counts_wrong_and_missing_files(tmp_path: Path) -> None:
         path.write_bytes(body)
     check = check_tree(tmp_path, products, truth)
     assert (check.ok, check.wrong, check.missing) == (1, 1, 1)
+    assert check.ok_bytes == len(good)  # only the correct file counts towards a rate
 
 
 def test_markdown_table_is_well_formed() -> None:
