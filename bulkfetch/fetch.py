@@ -456,7 +456,8 @@ class AdaptiveLimiter:
       caps concurrent downloads, and the limit snaps to just that many. No deeper cut: below
       the cap the archive serves fine.
     * **an overload**: refused at a level that worked before - the limit falls to
-      :data:`AIMD_DECREASE` of itself and new starts pause briefly; only a request started
+      :data:`AIMD_DECREASE` of itself and new starts pause briefly (at most
+      :data:`START_PAUSE_CAP`, the server's Retry-After if shorter); only a request started
       after the previous cut can cut again, since all the requests already in flight when the
       archive became overloaded report the same event.
 
@@ -548,16 +549,17 @@ class AdaptiveLimiter:
         # Near the proven level counts as the cap too: the archive frees a connection a moment
         # after we have read its last byte, so a request sent right then is refused at a level
         # that just worked, by the cap and not by any overload.
+        now = asyncio.get_running_loop().time()
         if k >= self._proven - max(1, self._proven // 8):
+            # A cap: at the new limit nothing starts until a download ends anyway; no pause.
             target = max(self.minimum, min(self.limit, k))
         else:
             target = max(self.minimum, min(self.limit - 1, int(self.limit * AIMD_DECREASE)))
             self._proven = min(self._proven, target - 1)
-        now = asyncio.get_running_loop().time()
+            pause = START_PAUSE_CAP if retry_after is None else min(retry_after, START_PAUSE_CAP)
+            self._pause_until = max(self._pause_until, now + pause)
         self._last_cut = now
         self.cuts += 1
-        pause = START_PAUSE_CAP if retry_after is None else min(retry_after, START_PAUSE_CAP)
-        self._pause_until = max(self._pause_until, now + pause)
         if target < self.limit:
             self._successes = 0
             self._set(target)
