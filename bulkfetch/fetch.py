@@ -1233,7 +1233,7 @@ class Fetcher:
                 self._may_claim
                 and room > 0
                 and len(self._delayed) < MAX_DELAYED
-                and queue.qsize() < opts.claim_batch
+                and queue.qsize() <= opts.claim_batch // 2  # refill in batches, not one by one
             ):
                 items = self.store.claim(min(room, opts.claim_batch), self._worker_id)
                 if not items:
