@@ -12,7 +12,6 @@ import threading
 import time
 import warnings
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,22 +19,9 @@ import pytest
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
+from bulkfetch.testing.catalog import ProductInfo
 from bulkfetch.testing.fitsgen import BodyCache, product_body
 from bulkfetch.verify import check_fits_bytes, looks_like_fits, looks_like_html
-
-try:
-    from bulkfetch.testing.catalog import ProductInfo
-except ImportError:  # catalog.py not written yet: a stand-in with the agreed fields
-
-    @dataclass(frozen=True)
-    class ProductInfo:  # type: ignore[no-redef]
-        uri: str
-        filename: str
-        size: int
-        kind: str
-        sector: int | None
-        has_datasum: bool
-
 
 BLOCK = 2880
 LC = "tess2018206045859-s0001-0000000025155310-0120-s_lc.fits"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
 
+from bulkfetch.testing.catalog import ProductInfo
 from bulkfetch.testing.fitsgen import product_body
 from bulkfetch.verify import (
     ALL_ONES,
@@ -29,20 +29,6 @@ from bulkfetch.verify import (
     sha256_file,
     verify_file,
 )
-
-try:
-    from bulkfetch.testing.catalog import ProductInfo
-except ImportError:  # catalog.py not written yet: a stand-in with the agreed fields
-
-    @dataclass(frozen=True)
-    class ProductInfo:  # type: ignore[no-redef]
-        uri: str
-        filename: str
-        size: int
-        kind: str
-        sector: int | None
-        has_datasum: bool
-
 
 BLOCK = 2880
 LC = "tess2018206045859-s0001-0000000025155310-0120-s_lc.fits"
