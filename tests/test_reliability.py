@@ -53,11 +53,13 @@ def test_kill_9_at_random_moments_then_resume(tmp_path: Path) -> None:
         sectors=1,
         scale=0.5,
         concurrency=3,
-        bandwidth=20e6,
+        bandwidth=15e6,
         kill_window=0.6,
         workdir=tmp_path,
     )
-    print(result.format())
+    report = result.format() + "\n" + "\n".join(result.failures(1.1)) + "\n" + result.log_tail
+    print(report)
+    assert result.failures(1.1) == [], report
     assert result.planning_kill_before_downloads and result.planned_at_kill < result.files
     assert result.kills_done == 3
     assert result.integrity == ["ok"] * (1 + 3 + 2)
