@@ -124,13 +124,14 @@ _RESERVED_CRITERIA = {
 MAX_QUERY_ROWS = 400_000
 #: Targets per ``query_criteria`` call: keeps the request body and the server's IN list small.
 TARGETS_PER_QUERY = 500
-#: An observation query answering at most this many rows is "small": such queries may all
-#: run at once. Bigger answers (a sector's 20,000 targets: ~100 MB while astroquery parses
-#: them) run one at a time, so peak memory stays flat whatever the number of sectors.
-SMALL_OBS_ANSWER = 1000
-#: Rows per page of an observation query. astroquery parses the pages of one query one after
-#: the other, so a smaller page (MAST's default is 50,000) caps the transient memory of parsing
-#: a sector's 20,000 observations at a quarter, for three extra round trips per big sector.
+#: Observation rows that may be in flight (being fetched and parsed) at once. astroquery's
+#: parse of a 20,000-row sector costs ~100 MB for a moment, so sectors that big run one at a
+#: time while small ones (a few hundred targets) all overlap; peak memory stays flat whatever
+#: the number of sectors.
+OBS_ROWS_IN_FLIGHT = 20_000
+#: Rows per page of an observation query (MAST's default page is 50,000). Pages are fetched
+#: one call each and reduced to obsids at once, so this caps the memory of a big answer, for
+#: a few extra round trips per big sector.
 OBS_PAGESIZE = 5000
 #: Largest batch of obsids one ``get_product_list`` call may carry.
 MAX_BATCH_SIZE = 1000
@@ -976,25 +977,39 @@ def _obs_criteria(selection: Selection, sector: int) -> list[dict[str, Any]]:
 def _query_obsids(
     aq: _Astroquery, sector: int, criteria: dict[str, Any], max_rows: int
 ) -> list[str]:
-    """obsids of one sector query; a result near MAST's row limit is re-asked by RA halves."""
+    """obsids of one sector query, fetched page by page; near the row limit, split by RA.
+
+    Each page is its own ``query_criteria(page=k, pagesize=OBS_PAGESIZE)`` call whose table is
+    reduced to obsids at once, so memory holds one page, not the whole answer (the last
+    sector of a long mission carries ~200,000 multi-sector DV observations). A query whose
+    answer reaches ``max_rows`` (MAST truncates near 500,000) is asked again in two halves
+    of right ascension, recursively; boundary duplicates are dropped by the caller.
+    """
 
     def ask(ra: tuple[float, float] | None) -> list[str]:
         crit = dict(criteria)
         if ra is not None:
             crit["s_ra"] = [ra[0], ra[1]]
-        what = f"sector {sector}: query_criteria" + (f" s_ra={ra[0]:g}..{ra[1]:g}" if ra else "")
-        table = aq.query_criteria(what, {**crit, "pagesize": OBS_PAGESIZE})
-        if len(table) >= max_rows:
-            lo, hi = ra if ra is not None else (0.0, 360.0)
-            if hi - lo > 1e-3:
+        label = f"sector {sector}: query_criteria" + (f" s_ra={ra[0]:g}..{ra[1]:g}" if ra else "")
+        obsids: list[str] = []
+        page = 1
+        while True:
+            what = label if page == 1 else f"{label} page {page}"
+            table = aq.query_criteria(what, {**crit, "page": page, "pagesize": OBS_PAGESIZE})
+            n = len(table)
+            if n:
+                obsids.extend(str(v) for v in _values(table["obsid"]) if v not in (None, ""))
+            del table
+            if len(obsids) >= max_rows:
+                lo, hi = ra if ra is not None else (0.0, 360.0)
+                if hi - lo <= 1e-3:
+                    raise ArchiveError(f"{label}: {len(obsids)} rows even in a tiny RA slice")
+                log.info("%s: %d rows or more is near the archive's limit; splitting", label, n)
                 mid = (lo + hi) / 2
-                log.info("%s: %d rows is near the archive's limit; splitting", what, len(table))
-                del table
                 return ask((lo, mid)) + ask((mid, hi))
-            raise ArchiveError(f"{what}: {len(table)} rows even in a tiny RA slice")
-        if len(table) == 0:
-            return []
-        return [str(v) for v in _values(table["obsid"]) if v not in (None, "")]
+            if n < OBS_PAGESIZE:
+                return obsids
+            page += 1
 
     return ask(None)
 
@@ -1133,6 +1148,7 @@ def plan(
         else:
             log.info("every selected sector is planned already; nothing to query")
 
+    summary.queried_sectors.sort()  # sectors complete in any order; report them sorted
     _finish_summary(summary, store, extra_needed)
     summary.elapsed = time.monotonic() - started
     return summary
@@ -1195,7 +1211,7 @@ def _run_sectors(
     before new sectors pile up, while many small sectors overlap each other's round trips. At
     most ``2 * workers`` sectors are started and unwritten at once, which bounds memory whatever
     the number of sectors; so does running big observation queries one at a time (see
-    :data:`SMALL_OBS_ANSWER`). With ``latest_dv_only`` sectors are committed strictly in ``todo``
+    :data:`OBS_ROWS_IN_FLIGHT`). With ``latest_dv_only`` sectors are committed strictly in ``todo``
     order (newest first, see :class:`LatestDV`); otherwise each as soon as it is complete.
     Returns the bytes of the products planned (for a dry run's space estimate).
     """
@@ -1348,9 +1364,8 @@ def _run_sectors(
                 result = fut.result()  # a worker's error surfaces here, naming its sector
                 if stage == "obs":
                     obs_inflight -= 1
-                    # a big answer (a whole sector of 2-min targets) costs ~100 MB while
-                    # astroquery parses it: then one at a time; small ones overlap freely
-                    obs_limit = workers if len(result) <= SMALL_OBS_ANSWER else 1
+                    # the next sectors are probably as big as this one (see OBS_ROWS_IN_FLIGHT)
+                    obs_limit = max(1, min(workers, OBS_ROWS_IN_FLIGHT // max(1, len(result))))
                     job.obsids[index] = result
                     job.obs_left -= 1
                     if job.obs_left == 0:

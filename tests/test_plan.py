@@ -664,3 +664,13 @@ def test_unsafe_names_from_the_archive_are_refused(mast_sim, tmp_path: Path) -> 
     assert summary.refused == 2 and "evil_lc.fits" in summary.format()
     assert set(_rows(store)) == set(expected) - evil
     assert not list(tmp_path.glob("**/evil*"))
+
+
+def test_answers_near_the_row_limit_are_split_by_ra(astroquery_mast, tmp_path: Path, caplog):
+    """With the limit set to 8 rows, each sector is re-asked in RA slices: same rows."""
+    sim = astroquery_mast(targets_per_sector=30)
+    caplog.set_level("INFO", logger="bulkfetch")
+    store = open_store(tmp_path)
+    plan(store, tmp_path, Selection(sectors=[1, 2], kinds=["lc", "tp"]), server=sim.url, max_rows=8)
+    assert any("splitting" in r.getMessage() for r in caplog.records)
+    assert_rows_match(store, astroquery_products([1, 2], ["LC", "TP"]))
