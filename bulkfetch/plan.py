@@ -1268,8 +1268,9 @@ def _run_sectors(
         job.obsids = []
         subgroups = selection.subgroups(job.kinds)
         nb = math.ceil(len(obsids) / batch_size)
+        size = math.ceil(len(obsids) / nb) if nb else 0  # even batches: no tiny last one
         for b in range(nb):
-            chunk = obsids[b * batch_size : (b + 1) * batch_size]
+            chunk = obsids[b * size : (b + 1) * size]
             what = f"sector {job.sector}: get_product_list batch {b + 1}/{nb}"
             job.batch_left += 1
             push(

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", choices=("speed", "scale", "all"), default="all")
     parser.add_argument("--sectors", type=int, default=20, help="speed: sectors to plan")
-    parser.add_argument("--targets", type=int, default=1000, help="speed: targets per sector")
+    parser.add_argument("--targets", type=int, default=200, help="speed: targets per sector")
     parser.add_argument("--latency", type=float, default=0.5, help="speed: seconds per query")
     parser.add_argument("--workers", type=int, default=8, help="bulkfetch query threads")
     parser.add_argument("--batch-size", type=int, default=300, help="obsids per product query")
