@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _benchlib import SimProcess, run_client  # noqa: E402
+from _benchlib import SimProcess, run_client, sha256_file  # noqa: E402
 
 #: The fault mix of the issue, as simulator knobs (probabilities per download request).
 FAULT_MIX: dict[str, float] = {
@@ -90,15 +89,6 @@ def truths(url: str, uris: Iterable[str], workers: int = 8) -> dict[str, dict[st
 
     with ThreadPoolExecutor(workers) as pool:
         return dict(pool.map(one, list(uris)))
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, in 1 MiB reads."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_manifest(directory: Path) -> list[dict[str, str]]:
