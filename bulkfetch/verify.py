@@ -205,17 +205,23 @@ _END8 = b"END     "
 
 def _parse_block(block: bytes, values: dict[str, str]) -> bool:
     """Collect the wanted keywords of one header block; True if it holds the END card."""
-    for off in range(0, BLOCK, CARD):
-        key8 = block[off : off + 8]
-        if key8 == _END8:
-            return True
+    keys = [block[off : off + 8] for off in range(0, BLOCK, CARD)]
+    try:
+        n_cards = keys.index(_END8)  # a C-speed scan: most blocks hold no END card
+        end_found = True
+    except ValueError:
+        n_cards = len(keys)
+        end_found = False
+    for index in range(n_cards):
+        key8 = keys[index]
         if key8 in _WANTED8 or (key8[:5] == b"NAXIS" and key8[5:].rstrip().isdigit()):
             key = key8.rstrip().decode("ascii")
             if key not in values:
+                off = index * CARD
                 value = _card_value(block[off : off + CARD])
                 if value is not None:
                     values[key] = value
-    return False
+    return end_found
 
 
 def _data_size(header: _Header, primary: bool) -> tuple[int | None, str | None]:
