@@ -485,6 +485,50 @@ class _Astroquery:
     def product_list(self, what: str, obsids: list[str]) -> Table:
         return self.call(what, lambda obs: obs.get_product_list(obsids))
 
+    def product_pages(
+        self, what: str, obsids: list[str]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[Any]]:
+        """``get_product_list``'s request, sent by astroquery, answered as parsed JSON pages.
+
+        The same POST (service, ``obsid`` list, paging, long polling) through astroquery's
+        own ``service_request_async``; returns (JSON pages, the service's column config, the
+        raw responses). A page with status ERROR raises ``RemoteServiceError`` inside the
+        retry, as astroquery's ``_parse_result`` would.
+        """
+
+        def fetch(obs: ObservationsClass) -> Any:
+            responses = obs.get_product_list_async(obsids)
+            return (*_json_pages(obs, responses), responses)
+
+        return self.call(what, fetch)
+
+    def obsid_page(self, what: str, criteria: dict[str, Any]) -> tuple[int, list[str]]:
+        """(rows, obsids) of one ``query_criteria`` page, read from its JSON (no table).
+
+        ``criteria`` includes ``page`` and ``pagesize``; the request is astroquery's own
+        ``query_criteria_async``. The obsids are typed and masked as in astroquery's table
+        (see :func:`_json_values`); empty and masked ones are left out.
+        """
+
+        def fetch(obs: ObservationsClass) -> tuple[int, list[str]]:
+            results, col_config = _json_pages(obs, obs.query_criteria_async(**criteria))
+            records = [rec for r in results for rec in r["data"]]
+            if not records:
+                return 0, []
+            columns = _json_columns(results, col_config)
+            found = [c for c in columns or [] if c[0] == "obsid"]
+            if not found:  # unusual answer: astroquery's own table decides
+                portal = obs._portal_api_connection
+                portal._current_service = portal._current_service or obs._caom_filtered
+                table = portal._parse_result(obs.query_criteria_async(**criteria))
+                values = _values(table["obsid"])
+                return len(table), [str(v) for v in values if v not in (None, "")]
+            _, pytype, ignore = found[0]
+            values = _json_values(records, "obsid", pytype, ignore)
+            return len(records), [str(v) for v in values if v not in (None, "")]
+
+        return self.call(what, fetch)
+
 
 def column_names(
     server: str = DEFAULT_MAST_URL, *, retries: int = 4
@@ -676,6 +720,27 @@ def rows_from_table(
     if n == 0:
         return []
     data = {c: _values(products[c]) for c in products.colnames}
+    return _rows_from_columns(
+        list(products.colnames), data, n, server=server, flat=flat, refusals=refusals,
+        sector=sector,
+    )  # fmt: skip
+
+
+def _rows_from_columns(
+    colnames: list[str],
+    data: dict[str, list[Any]],
+    n: int,
+    *,
+    server: str,
+    flat: bool,
+    refusals: _Refusals,
+    sector: int | None,
+) -> list[PlannedProduct]:
+    """The rows of ``n`` products given column by column as Python values (None = masked).
+
+    Shared by the table path (:func:`rows_from_table`) and the JSON fast path
+    (:func:`_rows_from_json`), so both apply the same dedupe, path checks and typing.
+    """
     uris = data["dataURI"]
     names = data["productFilename"]
     collections = data.get("obs_collection") or [""] * n
@@ -683,9 +748,7 @@ def rows_from_table(
     sizes = data.get("size") or [None] * n
     kinds = data.get("productSubGroupDescription") or [""] * n
     sequence = data.get("sequence_number")
-    extra_cols = [
-        c for c in products.colnames if c not in _CORE_COLUMNS and c not in _EXPORT_ONLY_COLUMNS
-    ]
+    extra_cols = [c for c in colnames if c not in _CORE_COLUMNS and c not in _EXPORT_ONLY_COLUMNS]
     base = normalize_server(server)
     seen: set[str] = set()
     paths: dict[str, str] = {}
@@ -733,6 +796,167 @@ def rows_from_table(
             )
         )
     return rows
+
+
+def _cast_one(value: Any, pytype: Any) -> Any:
+    """``value`` converted as numpy's ``astype(pytype)`` of an object array converts it.
+
+    Python's own str/int/float values (all MAST sends in practice) take a shortcut with the
+    same result; anything else goes through numpy itself, one value at a time.
+    """
+    kind = type(value)
+    if pytype is str:
+        if kind is str:  # numpy's fixed-width strings cannot end in NULs
+            return value.rstrip("\x00") if value.endswith("\x00") else value
+        if kind is int or kind is float or kind is bool:
+            return str(value)  # what numpy's object -> str cast calls
+    elif pytype is np.int64:
+        if kind is int:
+            return value
+    elif pytype is np.float64:
+        if kind is float:
+            return value
+        if kind is int:
+            return float(value)
+    return np.array([value], dtype=object).astype(pytype)[0].item()
+
+
+def _json_pages(
+    obs: ObservationsClass, responses: list[Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The JSON pages of astroquery's raw responses and the column config of their service.
+
+    A page with status ERROR raises ``RemoteServiceError``, as astroquery's ``_parse_result``
+    does; the service's name is taken (and cleared) the way ``_parse_result`` takes it.
+    """
+    from astroquery.exceptions import RemoteServiceError
+
+    portal = obs._portal_api_connection
+    service = portal._current_service
+    portal._current_service = None
+    col_config = portal._column_configs.get(service) if service else None
+    results = [r.json() for r in responses]
+    for result in results:
+        if result["status"] == "ERROR":
+            raise RemoteServiceError(result.get("msg", "There was an error with your request."))
+    return results, col_config
+
+
+def _json_columns(
+    results: list[dict[str, Any]], col_config: dict[str, Any] | None
+) -> list[tuple[str, Any, Any]] | None:
+    """(name, python type, ignore value) per column, as ``_json_to_table`` would type them.
+
+    None when the pages disagree on their fields (astroquery's ``vstack`` would then promote
+    types or mask missing columns): the caller takes astroquery's own table path instead.
+    """
+    from astroquery.mast.utils import parse_type
+
+    fields = [[(f["name"], f["type"]) for f in r["fields"]] for r in results]
+    if any(f != fields[0] for f in fields[1:]):
+        return None
+    columns: list[tuple[str, Any, Any]] = []
+    seen: set[str] = set()
+    for name, dbtype in fields[0]:
+        if name == "_selected_" or name in seen:  # astroquery drops both
+            continue
+        seen.add(name)
+        ignore = (col_config or {}).get(name, {}).get("ignoreValue", None)
+        _, pytype, default = parse_type(dbtype)
+        columns.append((name, pytype, default if ignore is None else ignore))
+    return columns
+
+
+def _json_values(records: list[dict[str, Any]], name: str, pytype: Any, ignore: Any) -> list[Any]:
+    """One column of ``records`` as :func:`_values` would give it from astroquery's table.
+
+    A missing or null value becomes the column's ignore value; a value equal to the ignore
+    value is masked (None); floats that are NaN are None; the rest is cast to the column type.
+    """
+    # None -> the ignore value -> masked, so a None is always None; one comprehension per
+    # type keeps the common case (the value already has the column's type) cheap.
+    raw = [record.get(name, ignore) for record in records]
+    if pytype is str:
+        return [
+            None
+            if v is None or v == ignore
+            else v
+            if type(v) is str and not v.endswith("\x00")
+            else _cast_one(v, str)
+            for v in raw
+        ]
+    if pytype is np.int64:
+        return [
+            None if v is None or v == ignore else v if type(v) is int else _cast_one(v, pytype)
+            for v in raw
+        ]
+    if pytype is np.float64:
+        cast = [
+            None if v is None or v == ignore else v if type(v) is float else _cast_one(v, pytype)
+            for v in raw
+        ]
+        return [None if v is None or v != v else v for v in cast]  # NaN -> None
+    return [None if v is None or v == ignore else _cast_one(v, pytype) for v in raw]
+
+
+def _kind_keep(records: list[dict[str, Any]], ignore: Any, subgroups: list[str]) -> list[int]:
+    """Indexes of the records whose ``productSubGroupDescription`` is one of ``subgroups``.
+
+    ``filter_products`` compares the column's stored strings, masked entries included (they
+    hold the ignore value): the same test on the same strings.
+    """
+    wanted = set(subgroups)
+    keep: list[int] = []
+    for i, record in enumerate(records):
+        value = record.get("productSubGroupDescription", ignore)
+        if value is None:
+            value = ignore
+        text = value if type(value) is str else _cast_one(value, str)
+        if text in wanted:
+            keep.append(i)
+    return keep
+
+
+def _rows_from_json(
+    results: list[dict[str, Any]],
+    col_config: dict[str, Any] | None,
+    subgroups: list[str],
+    *,
+    server: str,
+    flat: bool,
+    refusals: _Refusals,
+    sector: int | None,
+) -> list[PlannedProduct] | None:
+    """Rows of the wanted kinds straight from ``get_product_list``'s JSON pages.
+
+    The same rows as ``_json_to_table`` + ``vstack`` + ``filter_products(kind)`` +
+    :func:`rows_from_table`, without building astropy tables: that conversion dominated the
+    plan's CPU time, and the worker threads share one GIL. Only the wanted rows' columns are
+    converted. None when the answer is unusual (pages with different fields, a
+    non-string kind column): the caller then uses astroquery's table path.
+    """
+    columns = _json_columns(results, col_config)
+    if columns is None:
+        return None
+    types = {name: (pytype, ignore) for name, pytype, ignore in columns}
+    kind_type = types.get("productSubGroupDescription")
+    if kind_type is None or kind_type[0] is not str:
+        return None
+    records = [rec for r in results for rec in r["data"]]
+    keep = _kind_keep(records, kind_type[1], subgroups)
+    if not keep:
+        return []
+    if len(keep) != len(records):
+        records = [records[i] for i in keep]
+    data = {name: _json_values(records, name, pytype, ign) for name, pytype, ign in columns}
+    missing = [c for c in ("dataURI", "productFilename", "obs_collection", "obs_id")
+               if c not in data]  # fmt: skip
+    if missing:
+        return None  # rows_from_table names the missing columns
+    return _rows_from_columns(
+        [name for name, _, _ in columns], data, len(records),
+        server=server, flat=flat, refusals=refusals, sector=sector,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -995,11 +1219,9 @@ def _query_obsids(
         page = 1
         while True:
             what = label if page == 1 else f"{label} page {page}"
-            table = aq.query_criteria(what, {**crit, "page": page, "pagesize": OBS_PAGESIZE})
-            n = len(table)
-            if n:
-                obsids.extend(str(v) for v in _values(table["obsid"]) if v not in (None, ""))
-            del table
+            n, found = aq.obsid_page(what, {**crit, "page": page, "pagesize": OBS_PAGESIZE})
+            obsids.extend(found)
+            del found
             if len(obsids) >= max_rows:
                 lo, hi = ra if ra is not None else (0.0, 360.0)
                 if hi - lo <= 1e-3:
@@ -1037,11 +1259,25 @@ def _product_batch(
     Doing the filtering and the conversion here, not in the thread that writes the store,
     keeps only wanted rows alive and spreads the per-row work over the pool.
     """
-    products = aq.product_list(what, obsids)
     refusals = _Refusals()
+    if not selection.filters:
+        results, col_config, responses = aq.product_pages(what, obsids)
+        rows = _rows_from_json(
+            results, col_config, subgroups,
+            server=server, flat=selection.flat, refusals=refusals, sector=sector,
+        )  # fmt: skip
+        if rows is not None:
+            return _Batch(rows, refusals)
+        refusals = _Refusals()
+        obs = aq.obs
+        portal = obs._portal_api_connection
+        portal._current_service = obs._caom_products  # _json_pages cleared it
+        products = portal._parse_result(responses)
+    else:
+        products = aq.product_list(what, obsids)
+        obs = aq.obs
     if len(products) == 0:
         return _Batch([], refusals)
-    obs = aq.obs
     try:
         products = obs.filter_products(products, productSubGroupDescription=subgroups)
         if selection.filters:
