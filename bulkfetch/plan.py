@@ -1577,12 +1577,14 @@ def _run_sectors(
     try:
         # query_criteria and get_product_list each need a column config first: fetch both
         # now, in parallel, not once per thread (see _Astroquery.warm_column_config).
+        # Only the observation queries wait for theirs; the product config arrives while
+        # the first observation query is answered, before any product batch is sent.
         first = f"sector {todo[0][0]}"
-        for fut in [
-            pool.submit(aq.warm_column_config, first, "Mast.Caom.Filtered", "Mast.Caom.Cone"),
-            pool.submit(aq.warm_column_config, first, "Mast.Caom.Products"),
-        ]:
-            fut.result()
+        obs_warm = pool.submit(aq.warm_column_config, first, "Mast.Caom.Filtered", "Mast.Caom.Cone")
+        product_warm: Future[None] | None = pool.submit(
+            aq.warm_column_config, first, "Mast.Caom.Products"
+        )
+        obs_warm.result()
         while pending or jobs:
             # big sectors: only the next one waits in line (its obsids cost memory)
             while pending and len(jobs) < (window if obs_limit > 1 else 2):
@@ -1590,6 +1592,9 @@ def _run_sectors(
             while ready and len(inflight) < workers:
                 if ready[0][4] == "obs" and obs_inflight >= obs_limit:
                     break  # batches sort first, so none is waiting either
+                if ready[0][4] == "batch" and product_warm is not None:
+                    product_warm.result()
+                    product_warm = None
                 _, _, fn, job, stage, index = heapq.heappop(ready)
                 inflight[pool.submit(fn)] = (job, stage, index)
                 obs_inflight += stage == "obs"

@@ -674,3 +674,99 @@ def test_answers_near_the_row_limit_are_split_by_ra(astroquery_mast, tmp_path: P
     plan(store, tmp_path, Selection(sectors=[1, 2], kinds=["lc", "tp"]), server=sim.url, max_rows=8)
     assert any("splitting" in r.getMessage() for r in caplog.records)
     assert_rows_match(store, astroquery_products([1, 2], ["LC", "TP"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# the JSON fast path equals astroquery's table path
+# ------------------------------------------------------------------------------------------------
+
+
+def _table_path_rows(results: list[dict], col_config: dict | None, subgroups: list[str]) -> list:
+    """Rows the way astroquery builds them: _json_to_table, vstack, filter_products."""
+    from astropy.table import vstack
+    from astroquery.mast import Observations
+    from astroquery.mast.discovery_portal import _json_to_table
+
+    from bulkfetch.plan import _Refusals, rows_from_table
+
+    table = vstack([_json_to_table(r, col_config) for r in results])
+    table = Observations.filter_products(table, productSubGroupDescription=subgroups)
+    return rows_from_table(table, server=SERVER, flat=False, refusals=_Refusals(), sector=3)
+
+
+def _fast_path_rows(results: list[dict], col_config: dict | None, subgroups: list[str]) -> list:
+    from bulkfetch.plan import _Refusals, _rows_from_json
+
+    rows = _rows_from_json(
+        results, col_config, subgroups, server=SERVER, flat=False, refusals=_Refusals(), sector=3
+    )
+    assert rows is not None
+    return rows
+
+
+def test_json_fast_path_equals_astroquery_tables_on_archive_answers(astroquery_mast) -> None:
+    """Every field, extras included, of real get_product_list answers (several pages)."""
+    from astroquery.mast import Observations
+
+    from bulkfetch.plan import _json_pages
+
+    astroquery_mast(dv_fraction=0.3, fast_fraction=0.3)
+    obs = Observations.query_criteria(
+        obs_collection="TESS", dataproduct_type="timeseries", sequence_number=1
+    )
+    obsids = [str(v) for v in obs["obsid"]]
+    responses = Observations._portal_api_connection.service_request_async(
+        "Mast.Caom.Products", {"obsid": ",".join(obsids)}, pagesize=7
+    )
+    assert len(responses) > 1  # paging is exercised
+    results, col_config = _json_pages(Observations, responses)
+    for kinds in (["lc"], ["lc", "tp", "fast-lc", "dv"]):
+        subgroups = Selection(kinds=kinds).subgroups()
+        fast = _fast_path_rows(results, col_config, subgroups)
+        assert fast, "the archive should hold products of these kinds"
+        assert fast == _table_path_rows(results, col_config, subgroups)
+
+
+def test_json_fast_path_types_nulls_like_astroquery() -> None:
+    """Missing keys, nulls, ignore values, ints in string columns, NaN: typed as astroquery."""
+    fields = [
+        {"name": "_selected_", "type": "boolean"},
+        {"name": "obsID", "type": "string"},
+        {"name": "obs_collection", "type": "string"},
+        {"name": "obs_id", "type": "string"},
+        {"name": "dataURI", "type": "string"},
+        {"name": "productSubGroupDescription", "type": "string"},
+        {"name": "productFilename", "type": "string"},
+        {"name": "size", "type": "int"},
+        {"name": "calib_level", "type": "int"},
+        {"name": "t_exptime", "type": "float"},
+        {"name": "dataRights", "type": "string"},
+        {"name": "flag", "type": "boolean"},
+    ]
+    base = {"obs_collection": "TESS", "productSubGroupDescription": "LC"}
+    data = [
+        {**base, "obsID": 123, "obs_id": "a", "dataURI": "mast:TESS/a_lc.fits",
+         "productFilename": "a_lc.fits", "size": 10, "calib_level": 3, "t_exptime": 120.0,
+         "dataRights": "PUBLIC", "flag": True},
+        {**base, "obsID": "124", "obs_id": "b", "dataURI": "mast:TESS/b_lc.fits",
+         "productFilename": "b_lc.fits", "size": -999, "calib_level": None, "t_exptime": None,
+         "dataRights": None, "flag": None},
+        {**base, "obs_id": "c", "dataURI": "mast:TESS/c_lc.fits", "productFilename": "c_lc.fits",
+         "size": 12.0, "t_exptime": 20, "dataRights": 7},
+        {**base, "productSubGroupDescription": "TP", "obsID": 1, "obs_id": "d",
+         "dataURI": "mast:TESS/d_tp.fits", "productFilename": "d_tp.fits", "size": 5},
+        {**base, "productSubGroupDescription": None, "obs_id": "e",
+         "dataURI": "mast:TESS/e.fits", "productFilename": "e.fits", "size": 5},
+        {**base, "obsID": 123, "obs_id": "a", "dataURI": "mast:TESS/a_lc.fits",
+         "productFilename": "a_lc.fits", "size": 10},  # a duplicate: the first one wins
+    ]  # fmt: skip
+    pages = [{"status": "COMPLETE", "fields": fields, "data": data[:3]},
+             {"status": "COMPLETE", "fields": fields, "data": data[3:]}]  # fmt: skip
+    config = {"calib_level": {"ignoreValue": 3}}
+    for subgroups in (["LC"], ["LC", "TP"], ["DVT"]):
+        fast = _fast_path_rows(pages, config, subgroups)
+        assert fast == _table_path_rows(pages, config, subgroups)
+    rows = _fast_path_rows(pages, config, ["LC"])
+    assert [r.uri for r in rows] == ["mast:TESS/a_lc.fits", "mast:TESS/b_lc.fits",
+                                     "mast:TESS/c_lc.fits"]  # fmt: skip
+    assert rows[0].extra["obsID"] == "123" and rows[1].size is None and rows[2].size == 12
