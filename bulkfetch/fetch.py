@@ -75,7 +75,7 @@ from yarl import URL
 from . import auth as _auth
 from . import verify as _verify
 from .errors import BulkfetchError, UnsafePathError, UsageError
-from .layout import PART_SUFFIX
+from .layout import ETAG_SUFFIX, PART_SUFFIX
 from .store import JobStore, WorkItem
 
 log = logging.getLogger("bulkfetch")
@@ -89,9 +89,6 @@ TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 CONGESTION_STATUSES = frozenset({429, 503})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
-
-#: Suffix of the file that keeps a partial body's ETag next to its ``.part``.
-ETAG_SUFFIX = ".etag"
 
 #: Longest Retry-After we honour: a server asking for more is treated as asking for an hour.
 RETRY_AFTER_CAP = 3600.0

@@ -16,6 +16,8 @@ from .errors import UnsafePathError
 
 #: Suffix of a file being downloaded; renamed to the final name only once verified.
 PART_SUFFIX = ".part"
+#: Suffix of the file that keeps a partial body's ETag next to its ``.part``.
+ETAG_SUFFIX = ".etag"
 
 
 def safe_component(value: str, what: str) -> str:

@@ -37,6 +37,7 @@ import io
 import json
 import logging
 import math
+import queue
 import random
 import re
 import shlex
@@ -45,7 +46,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -55,9 +56,9 @@ import numpy as np
 from astropy.table import Table
 
 from .errors import ArchiveError, UnsafePathError, UsageError
-from .layout import safe_component
+from .layout import ETAG_SUFFIX, PART_SUFFIX, resolve_inside, safe_component
 from .sources import DEFAULT_MAST_URL, download_url, normalize_server, point_astroquery_at
-from .store import DONE, JobStore, PlannedProduct
+from .store import DONE, ERROR, PENDING, JobStore, PlannedProduct
 
 if TYPE_CHECKING:  # astroquery is imported lazily: it is slow to import and the CLI may not need it
     from astroquery.mast import ObservationsClass
@@ -124,10 +125,10 @@ _RESERVED_CRITERIA = {
 MAX_QUERY_ROWS = 400_000
 #: Targets per ``query_criteria`` call: keeps the request body and the server's IN list small.
 TARGETS_PER_QUERY = 500
-#: Observation rows that may be in flight (being fetched and parsed) at once. astroquery's
-#: parse of a 20,000-row sector costs ~100 MB for a moment, so sectors that big run one at a
-#: time while small ones (a few hundred targets) all overlap; peak memory stays flat whatever
-#: the number of sectors.
+#: Observation rows that may be in flight (being fetched and parsed) at once. A query holds
+#: at most one page (:data:`OBS_PAGESIZE` rows, a few MB of JSON, reduced to obsids at once),
+#: so four big sectors' queries overlap and every small sector's does; peak memory stays flat
+#: whatever the number or size of sectors.
 OBS_ROWS_IN_FLIGHT = 20_000
 #: Rows per page of an observation query (MAST's default page is 50,000). Pages are fetched
 #: one call each and reduced to obsids at once, so this caps the memory of a big answer, for
@@ -381,7 +382,38 @@ def _new_observations(timeout: float) -> ObservationsClass:
     adapter = _TimeoutAdapter()
     obs._session.mount("http://", adapter)
     obs._session.mount("https://", adapter)
+    hooks = obs._session.hooks["response"]
+    # astroquery 0.4.11's _response_hook formats the request and the whole decoded response
+    # body into DEBUG messages even when DEBUG is off (it tests ``level >= 10`` where it means
+    # ``<=``): megabytes copied per call, a sixth of the planner's CPU. Unless astroquery's
+    # logger is at DEBUG, those messages are dropped anyway, so dropping the hook changes no
+    # output.
+    from astroquery import log as astroquery_log
+
+    if astroquery_log.getEffectiveLevel() > logging.DEBUG and obs._response_hook in hooks:
+        hooks.remove(obs._response_hook)
+    hooks.append(_remember_json)
     return obs
+
+
+def _remember_json(response: Any, *args: Any, **kwargs: Any) -> None:
+    """requests response hook: parse a response's JSON once, however often ``.json()`` is called.
+
+    astroquery's long-polling loop parses every answer to read its status, then its table
+    builder (or our :func:`_json_pages`) parses it again; a product page is megabytes. The
+    parsed document is shared, so its readers must not modify it (none do).
+    """
+    parse = response.json
+    memo: list[Any] = []
+
+    def json(**kwargs: Any) -> Any:
+        if kwargs:  # unusual arguments: parse as asked, do not remember
+            return parse(**kwargs)
+        if not memo:
+            memo.append(parse())
+        return memo[0]
+
+    response.json = json
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -1036,6 +1068,49 @@ class LatestDV:
         return kept
 
 
+def prune_superseded_dv(store: JobStore, root: str | Path) -> tuple[int, int]:
+    """Take the rows of DV runs that a newer or wider run supersedes out of the job.
+
+    :class:`LatestDV` only filters the rows a plan is about to write; a run stored by an earlier
+    plan (a narrower sector range, or one planned without ``latest_dv_only``) can be
+    superseded later, when the next multi-sector run appears. Its rows not yet downloaded are
+    removed, with any partial body; rows already downloaded stay in the job, files included
+    (they are the user's). Returns (removed, kept because downloaded).
+    """
+    runs: dict[str, dict[tuple[int, int], list[tuple[str, str, str]]]] = {}
+    for rec in store.iter_records(kinds=DV_SUBGROUPS):
+        run = LatestDV._run(rec.kind, rec.product_filename)
+        if run is not None:
+            tic, key = run
+            runs.setdefault(tic, {}).setdefault(key, []).append(
+                (rec.uri, rec.status, rec.local_path)
+            )
+    drop: list[tuple[str, str]] = []
+    kept = 0
+    for by_key in runs.values():
+        best = max(by_key)
+        for key, items in by_key.items():
+            if key == best:
+                continue
+            for uri, status, path in items:
+                if status in (PENDING, ERROR):
+                    drop.append((uri, path))
+                elif status == DONE:
+                    kept += 1
+    if not drop:
+        return 0, kept
+    removed = store.drop_unfinished(uri for uri, _ in drop)
+    for _, path in drop:
+        try:
+            part = str(resolve_inside(root, path)) + PART_SUFFIX
+        except UnsafePathError:  # pragma: no cover - the store only holds checked paths
+            continue
+        for leftover in (part, part + ETAG_SUFFIX):
+            Path(leftover).unlink(missing_ok=True)
+    log.info("latest DV only: removed %d products of superseded DV runs from the job", removed)
+    return removed, kept
+
+
 # ------------------------------------------------------------------------------------------------
 # the summary
 # ------------------------------------------------------------------------------------------------
@@ -1084,6 +1159,8 @@ class PlanSummary:
     skipped_sectors: list[int] = field(default_factory=list)
     refused: int = 0
     refused_examples: list[str] = field(default_factory=list)
+    superseded_removed: int = 0
+    superseded_kept: int = 0
     job_files: int = 0
     job_bytes: int = 0
     needed_bytes: int = 0
@@ -1133,6 +1210,15 @@ class PlanSummary:
             lines.append(f"  {self.unknown_sizes:,} file(s) of unknown size (not in the bytes)")
         if self.new_files is not None:
             lines.append(f"  new in the job: {self.new_files:,} file(s)")
+        if self.superseded_removed or self.superseded_kept:
+            lines.append(
+                f"  superseded DV runs: {self.superseded_removed:,} file(s) removed from the job"
+                + (
+                    f", {self.superseded_kept:,} kept (already downloaded)"
+                    if self.superseded_kept
+                    else ""
+                )
+            )
         if self.refused:
             lines.append(f"  refused: {self.refused:,} row(s), e.g.")
             lines.extend(f"    {m}" for m in self.refused_examples[:5])
@@ -1383,6 +1469,9 @@ def plan(
             )  # fmt: skip
         else:
             log.info("every selected sector is planned already; nothing to query")
+        if selection.latest_dv_only and store is not None and not dry_run:
+            removed, kept = prune_superseded_dv(store, root)
+            summary.superseded_removed, summary.superseded_kept = removed, kept
 
     summary.queried_sectors.sort()  # sectors complete in any order; report them sorted
     _finish_summary(summary, store, extra_needed)
@@ -1424,6 +1513,69 @@ def _release_memory() -> None:
 _malloc_trim: Any = None
 
 
+class _DaemonPool:
+    """Worker threads running submitted calls into Futures; abandoned, not joined, at exit.
+
+    Deliberately not ``concurrent.futures.ThreadPoolExecutor``: the interpreter joins its
+    threads at exit, so Ctrl-C during a plan would wait for every query in flight (minutes
+    against a slow archive, up to the query timeout). These threads only run astroquery calls
+    and build rows; the job state is written by the scheduling thread alone, so a thread
+    killed mid-query at exit loses nothing that was committed.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._tasks: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, fn = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        self._tasks.put((future, fn))
+        return future
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Cancel what has not started; stop the threads once their current call returns."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in self._threads:
+            self._tasks.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
+def _obs_limit(sector_rows: int, workers: int) -> int:
+    """Observation queries allowed in flight when a sector answers ``sector_rows`` rows.
+
+    A query holds one page at a time, so a sector bigger than a page costs one page.
+    """
+    per_query = max(1, min(sector_rows, OBS_PAGESIZE))
+    return max(1, min(workers, OBS_ROWS_IN_FLIGHT // per_query))
+
+
 def _run_sectors(
     store: JobStore | None,
     selection: Selection,
@@ -1442,12 +1594,13 @@ def _run_sectors(
     """Query the sectors of ``todo`` on ``workers`` threads; commit each sector when complete.
 
     The main thread schedules: up to ``workers`` queries are in flight, and a free thread
-    takes the most urgent task: product batches of the earliest started sector first, then the
-    observation query of the next sector. So a big sector is finished (and its rows written)
-    before new sectors pile up, while many small sectors overlap each other's round trips. At
-    most ``2 * workers`` sectors are started and unwritten at once, which bounds memory whatever
-    the number of sectors; so does running big observation queries one at a time (see
-    :data:`OBS_ROWS_IN_FLIGHT`). With ``latest_dv_only`` sectors are committed strictly in ``todo``
+    takes the observation query of the next sector if the cap on observation pages in flight
+    allows (see :data:`OBS_ROWS_IN_FLIGHT`), else a product batch of the earliest sector. Each
+    observation answer unlocks a sector's batches, so asking them first keeps every thread busy
+    and leaves no sector's two round trips (observations, then products) for the very end;
+    batches in sector order finish one sector (and write its rows) before the next. At most
+    ``2 * workers`` sectors are started and unwritten at once, which bounds memory whatever the
+    number of sectors. With ``latest_dv_only`` sectors are committed strictly in ``todo``
     order (newest first, see :class:`LatestDV`); otherwise each as soon as it is complete.
     Returns the bytes of the products planned (for a dry run's space estimate).
     """
@@ -1455,10 +1608,13 @@ def _run_sectors(
 
     window = 2 * workers
     ordered = selection.latest_dv_only
-    # Observation queries in flight: two until the first answer shows how big sectors are.
-    obs_limit, obs_inflight = min(2, workers), 0
+    # Observation queries in flight: as many pages as OBS_ROWS_IN_FLIGHT allows, until the
+    # first answer shows that sectors are smaller than a page.
+    obs_limit, obs_inflight = _obs_limit(OBS_PAGESIZE, workers), 0
     pending = list(reversed(todo))
-    ready: list[tuple[tuple[int, int, int], int, Callable[[], Any], _SectorJob, str, int]] = []
+    # Tasks waiting for a thread, one heap per stage, each in sector order.
+    Task = tuple[tuple[int, int], int, Callable[[], Any], _SectorJob, str, int]
+    ready: dict[str, list[Task]] = {"obs": [], "batch": []}
     seq = 0
     inflight: dict[Future[Any], tuple[_SectorJob, str, int]] = {}
     jobs: dict[int, _SectorJob] = {}  # by order, until committed
@@ -1468,16 +1624,24 @@ def _run_sectors(
     if latest is not None and store is not None:
         dv_kinds = {k for k in selection.kinds if set(PRODUCT_KINDS[k]) & DV_SUBGROUPS}
         if dv_kinds:  # runs planned by an earlier, interrupted plan still count
-            latest.seed((r.kind, r.product_filename) for r in store.iter_records())
+            stored = store.iter_records(kinds=DV_SUBGROUPS)
+            latest.seed((r.kind, r.product_filename) for r in stored)
     planned_bytes = 0
     bar = tqdm(total=len(todo), unit="sector", desc="plan", disable=not progress, leave=True)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bulkfetch-plan")
+    pool = _DaemonPool(workers, "bulkfetch-plan")
 
-    def push(priority: tuple[int, int, int], fn: Callable[[], Any], job: _SectorJob,
-             what: str, index: int) -> None:  # fmt: skip
+    def push(fn: Callable[[], Any], job: _SectorJob, stage: str, index: int) -> None:
         nonlocal seq
-        heapq.heappush(ready, (priority, seq, fn, job, what, index))
+        heapq.heappush(ready[stage], ((job.order, index), seq, fn, job, stage, index))
         seq += 1
+
+    def next_task() -> Task | None:
+        """Observation queries first (each unlocks a sector's batches), within their cap."""
+        if ready["obs"] and obs_inflight < obs_limit:
+            return heapq.heappop(ready["obs"])
+        if ready["batch"]:
+            return heapq.heappop(ready["batch"])
+        return None
 
     def start_next() -> None:
         sector, kinds = pending.pop()
@@ -1486,11 +1650,7 @@ def _run_sectors(
         for i, crit in enumerate(_obs_criteria(selection, sector)):
             job.obs_left += 1
             job.obsids.append([])
-            push(
-                (1, job.order, i),
-                functools.partial(_query_obsids, aq, sector, crit, max_rows),
-                job, "obs", i,
-            )  # fmt: skip
+            push(functools.partial(_query_obsids, aq, sector, crit, max_rows), job, "obs", i)
 
     def obs_done(job: _SectorJob) -> None:
         """All observation queries of ``job`` answered: queue its product batches."""
@@ -1510,7 +1670,6 @@ def _run_sectors(
             what = f"sector {job.sector}: get_product_list batch {b + 1}/{nb}"
             job.batch_left += 1
             push(
-                (0, job.order, b),
                 functools.partial(
                     _product_batch, aq, what, chunk, selection, subgroups,
                     sector=job.sector, server=server,
@@ -1580,22 +1739,22 @@ def _run_sectors(
         # Only the observation queries wait for theirs; the product config arrives while
         # the first observation query is answered, before any product batch is sent.
         first = f"sector {todo[0][0]}"
-        obs_warm = pool.submit(aq.warm_column_config, first, "Mast.Caom.Filtered", "Mast.Caom.Cone")
+        obs_warm = pool.submit(
+            functools.partial(aq.warm_column_config, first, "Mast.Caom.Filtered", "Mast.Caom.Cone")
+        )
         product_warm: Future[None] | None = pool.submit(
-            aq.warm_column_config, first, "Mast.Caom.Products"
+            functools.partial(aq.warm_column_config, first, "Mast.Caom.Products")
         )
         obs_warm.result()
         while pending or jobs:
             # big sectors: only the next one waits in line (its obsids cost memory)
-            while pending and len(jobs) < (window if obs_limit > 1 else 2):
+            while pending and len(jobs) < window:
                 start_next()
-            while ready and len(inflight) < workers:
-                if ready[0][4] == "obs" and obs_inflight >= obs_limit:
-                    break  # batches sort first, so none is waiting either
-                if ready[0][4] == "batch" and product_warm is not None:
+            while len(inflight) < workers and (task := next_task()) is not None:
+                _, _, fn, job, stage, index = task
+                if stage == "batch" and product_warm is not None:
                     product_warm.result()
                     product_warm = None
-                _, _, fn, job, stage, index = heapq.heappop(ready)
                 inflight[pool.submit(fn)] = (job, stage, index)
                 obs_inflight += stage == "obs"
             if not inflight:  # pragma: no cover - would be a scheduling bug
@@ -1606,8 +1765,8 @@ def _run_sectors(
                 result = fut.result()  # a worker's error surfaces here, naming its sector
                 if stage == "obs":
                     obs_inflight -= 1
-                    # the next sectors are probably as big as this one (see OBS_ROWS_IN_FLIGHT)
-                    obs_limit = max(1, min(workers, OBS_ROWS_IN_FLIGHT // max(1, len(result))))
+                    # the next sectors are probably as big as this one
+                    obs_limit = _obs_limit(len(result), workers)
                     job.obsids[index] = result
                     job.obs_left -= 1
                     if job.obs_left == 0:
@@ -1625,7 +1784,7 @@ def _run_sectors(
                 for order in [o for o, j in jobs.items() if j.rows is not None]:
                     commit(jobs.pop(order))
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False)  # an interrupt must not wait for queries in flight
         raise
     finally:
         bar.close()

@@ -6,6 +6,7 @@ slots in here without touching the planner or the engine.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote
 
 #: The real archive. ``--mast-url`` replaces it everywhere (queries and downloads).
@@ -13,6 +14,9 @@ DEFAULT_MAST_URL = "https://mast.stsci.edu"
 
 #: Path of MAST's single-file download endpoint, relative to the server.
 DOWNLOAD_PATH = "/api/v0.1/Download/file"
+
+#: Characters ``quote(uri, safe=":/")`` leaves alone: its always-safe set plus ``:`` and ``/``.
+_UNQUOTED = re.compile(r"[A-Za-z0-9_.~:/-]*")
 
 
 def normalize_server(server: str) -> str:
@@ -24,9 +28,12 @@ def download_url(server: str, data_uri: str) -> str:
     """Resolve a MAST ``dataURI`` to its download URL exactly as astroquery 0.4.11 does.
 
     astroquery builds ``MAST_DOWNLOAD_URL + "?uri=" + quote(uri, safe=":/")``; using the same
-    escaping means our manifest's URL column matches astroquery's byte for byte.
+    escaping means our manifest's URL column matches astroquery's byte for byte. TESS URIs
+    hold no character that needs escaping; recognising that with one regex match is several
+    times cheaper than ``quote``, which mattered at two million rows per plan.
     """
-    return f"{normalize_server(server)}{DOWNLOAD_PATH}?uri={quote(data_uri, safe=':/')}"
+    escaped = data_uri if _UNQUOTED.fullmatch(data_uri) else quote(data_uri, safe=":/")
+    return f"{normalize_server(server)}{DOWNLOAD_PATH}?uri={escaped}"
 
 
 def point_astroquery_at(server: str) -> None:

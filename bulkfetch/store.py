@@ -26,7 +26,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +132,9 @@ class JobStore(Protocol):
     def reset(self, uris: Iterable[str], message: str | None = None) -> int:
         """Return rows (done or error) to pending, e.g. after ``verify`` found them damaged."""
 
+    def drop_unfinished(self, uris: Iterable[str]) -> int:
+        """Remove rows not downloaded (pending or error) that a plan no longer wants."""
+
     def flush(self) -> None:
         """Commit whatever is batched."""
 
@@ -140,9 +143,9 @@ class JobStore(Protocol):
         """Per status: (number of rows, sum of expected sizes)."""
 
     def iter_records(
-        self, status: str | None = None, batch: int = 10_000
+        self, status: str | None = None, batch: int = 10_000, kinds: Iterable[str] | None = None
     ) -> Iterator[ProductRecord]:
-        """Every row (or those with ``status``), streamed in ``batch``-sized chunks."""
+        """Every row (or those with ``status`` / of ``kinds``), streamed in ``batch`` chunks."""
 
     def error_groups(self, limit: int = 20) -> list[tuple[str, int]]:
         """Error messages with how many rows carry each, most frequent first."""
@@ -796,29 +799,49 @@ class SQLiteStore:
         they belong to a running download. Committed before returning; returns how many rows
         changed.
         """
+        return self._each_uri(
+            uris,
+            "UPDATE products SET status = ?, sha256 = NULL, bytes_done = 0, attempts = 0, "
+            "message = ?, http_status = NULL, started_at = NULL, finished_at = NULL "
+            "WHERE uri = ? AND status != ?",
+            lambda uri: (PENDING, message, uri, ACTIVE),
+        )
+
+    def drop_unfinished(self, uris: Iterable[str]) -> int:
+        """Remove rows not downloaded (``pending`` or ``error``) from the job; return how many.
+
+        For rows a plan no longer wants, e.g. an older DV run that a newer one supersedes.
+        ``done`` rows stay (their files are the user's and the manifest keeps listing them)
+        and ``active`` rows belong to a running download. Committed before returning.
+        """
+        return self._each_uri(
+            uris,
+            "DELETE FROM products WHERE uri = ? AND status IN (?, ?)",
+            lambda uri: (uri, PENDING, ERROR),
+        )
+
+    def _each_uri(
+        self, uris: Iterable[str], sql: str, params: Callable[[str], tuple[Any, ...]]
+    ) -> int:
+        """Run ``sql`` for every uri in one transaction; return the rows it changed.
+
+        Also forgets the uris' batched progress, which would otherwise be written back.
+        """
         with self._op:
             self._begin()
             before = self._conn.total_changes
             batch: list[tuple[Any, ...]] = []
             for uri in uris:
                 self._progress.pop(uri, None)
-                batch.append((PENDING, message, uri, ACTIVE))
+                batch.append(params(uri))
                 if len(batch) >= ADD_CHUNK:
-                    self._reset_chunk(batch)
+                    self._conn.executemany(sql, batch)
                     batch = []
             if batch:
-                self._reset_chunk(batch)
+                self._conn.executemany(sql, batch)
             changed = self._conn.total_changes - before
             self._commit()
             return changed
-
-    def _reset_chunk(self, batch: list[tuple[Any, ...]]) -> None:
-        self._conn.executemany(
-            "UPDATE products SET status = ?, sha256 = NULL, bytes_done = 0, attempts = 0, "
-            "message = ?, http_status = NULL, started_at = NULL, finished_at = NULL "
-            "WHERE uri = ? AND status != ?",
-            batch,
-        )
 
     # -- reporting --------------------------------------------------------------------------
     def counts(self) -> dict[str, tuple[int, int]]:
@@ -859,30 +882,37 @@ class SQLiteStore:
             return None if row is None else _record(row)
 
     def iter_records(
-        self, status: str | None = None, batch: int = 10_000
+        self, status: str | None = None, batch: int = 10_000, kinds: Iterable[str] | None = None
     ) -> Iterator[ProductRecord]:
-        """Every row (or those with ``status``) in insertion order, ``batch`` rows at a time.
+        """Every row (or those with ``status`` / of ``kinds``) in insertion order, in batches.
 
         Keyset pagination (``id > last``) rather than one open cursor: memory stays at one batch
         whatever the job size, and no read cursor is held open across the caller's work, so the
-        caller may update the store (e.g. ``reset``) while iterating.
+        caller may update the store (e.g. ``reset``) while iterating. ``kinds`` are
+        ``productSubGroupDescription`` values (``PlannedProduct.kind``).
         """
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
         batch = max(1, int(batch))
-        if status is None:
-            sql = f"SELECT {_RECORD_COLUMNS} FROM products WHERE id > ? ORDER BY id LIMIT ?"
-        else:
-            sql = (
-                f"SELECT {_RECORD_COLUMNS} FROM products WHERE status = ? AND id > ? "
-                "ORDER BY id LIMIT ?"
-            )
+        where, fixed = ["id > ?"], []
+        if status is not None:
+            where.insert(0, "status = ?")
+            fixed.append(status)
+        if kinds is not None:
+            wanted = sorted(set(kinds))
+            if not wanted:
+                return
+            where.insert(0, f"kind IN ({', '.join('?' * len(wanted))})")
+            fixed[:0] = wanted
+        sql = (
+            f"SELECT {_RECORD_COLUMNS} FROM products WHERE {' AND '.join(where)} "
+            "ORDER BY id LIMIT ?"
+        )
         last = 0
         while True:
             with self._op:
                 self._commit()
-                params: tuple[Any, ...] = (last, batch) if status is None else (status, last, batch)
-                rows = self._conn.execute(sql, params).fetchall()
+                rows = self._conn.execute(sql, (*fixed, last, batch)).fetchall()
             for row in rows:
                 yield _record(row)
             if len(rows) < batch:

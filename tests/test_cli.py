@@ -298,6 +298,35 @@ def test_interrupt_writes_manifest_and_rerun_resumes(
             assert sha256(row["Local Path"]) == truth(url, row["dataURI"])["sha256"]
 
 
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_plan_exits_at_once_and_rerun_completes(
+    sig: signal.Signals, code: int, tmp_path: Path
+) -> None:
+    """Ctrl-C while queries are in flight: out in seconds, not after the archive answers."""
+    d = str(tmp_path / "job")
+    latency = 30.0
+    with simulator("--query-latency", str(latency)) as url:
+        proc = start("plan", d, "--mast-url", url, "--sectors", "1,2")
+        deadline = time.monotonic() + 20
+        while sim_get(url, "/_sim/stats")["query_requests"] < 2:  # both column configs asked
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.1)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=latency)
+        waited = time.monotonic() - sent
+        assert proc.returncode == code, err
+        assert waited < latency / 3, f"exit took {waited:.1f}s: it waited for the queries"
+        assert "Traceback" not in err and "rerun" in err.lower()
+
+        sim_post(url, "/_sim/config", {"query_latency": 0})
+        again = bulkfetch("plan", d, "--mast-url", url, "--sectors", "1,2")
+        assert again.returncode == 0, again.stderr
+        status = json.loads(bulkfetch("status", d, "--json").stdout)
+        assert status["total_files"] > 0
+
+
 def test_verify_finds_damage_and_fetch_repairs_it(tmp_path: Path) -> None:
     d = str(tmp_path / "job")
     with simulator() as url:

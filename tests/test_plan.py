@@ -616,6 +616,49 @@ def test_latest_dv_only_keeps_the_newest_widest_run(astroquery_mast, tmp_path: P
     assert single <= set(_rows(store))
 
 
+def test_latest_dv_only_later_removes_runs_an_earlier_plan_stored(
+    astroquery_mast, tmp_path: Path
+) -> None:
+    """A run stored by an earlier plan leaves the job once a newer run supersedes it.
+
+    Not yet downloaded: removed, partial body included. Downloaded: kept, file and row.
+    """
+    sim = astroquery_mast(n_sectors=8, dv_fraction=0.5)
+    sectors = sim.config.sector_numbers()
+    store = open_store(tmp_path)
+    dv = Selection(kinds=["dv"], latest_dv_only=True)
+    plan(store, tmp_path, Selection(kinds=["dv"], sectors=sectors[:4], latest_dv_only=True),
+         server=sim.url)  # fmt: skip
+    early = [r for r in _rows(store).values() if (run := dv_run(r.product_filename))
+             and run[1] != run[2]]  # fmt: skip
+    assert len({dv_run(r.product_filename)[1:] for r in early}) == 1  # one run, s1-s3
+    done, partial = early[0], early[1]
+    store.claim(10**6)
+    store.finish(done.uri, done.size or 0, "0" * 64)
+    store.release(partial.uri)
+    part = tmp_path / (partial.local_path + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(b"half a body")
+    store.recover()
+
+    summary = plan(store, tmp_path, dv, server=sim.url)
+    rows = _rows(store)
+    stale = {r.uri for r in early} - {done.uri}
+    assert not stale & set(rows), "superseded rows not downloaded must leave the job"
+    assert rows[done.uri].status == "done"
+    assert not part.exists()
+    assert summary.superseded_removed == len(stale)
+    assert summary.superseded_kept == 1
+    assert "superseded DV runs" in summary.format()
+    # what is left equals a fresh latest-only plan, plus the one downloaded file
+    fresh_root = tmp_path / "fresh"
+    fresh = open_store(fresh_root)
+    plan(fresh, fresh_root, dv, server=sim.url)
+    assert set(rows) == set(_rows(fresh)) | {done.uri}
+    again = plan(store, tmp_path, dv, server=sim.url)  # idempotent
+    assert again.superseded_removed == 0 and set(_rows(store)) == set(rows)
+
+
 def test_dry_run_counts_without_writing(astroquery_mast, tmp_path: Path) -> None:
     sim = astroquery_mast()
     store = open_store(tmp_path)
@@ -725,6 +768,39 @@ def test_json_fast_path_equals_astroquery_tables_on_archive_answers(astroquery_m
         fast = _fast_path_rows(results, col_config, subgroups)
         assert fast, "the archive should hold products of these kinds"
         assert fast == _table_path_rows(results, col_config, subgroups)
+
+
+def test_planner_sessions_parse_each_answer_once_and_skip_the_debug_hook(astroquery_mast) -> None:
+    """Our astroquery instances: same answers, one JSON parse per response, no DEBUG dump.
+
+    astroquery's ``_response_hook`` formats every body for DEBUG logging even when DEBUG is off;
+    the planner drops it unless astroquery logs at DEBUG, where it must stay.
+    """
+    import logging
+
+    from astroquery import log as astroquery_log
+    from astroquery.mast import Observations
+
+    from bulkfetch.plan import _new_observations
+
+    astroquery_mast()
+    obs = _new_observations(timeout=30)
+    assert obs._response_hook not in obs._session.hooks["response"]
+    criteria = {"obs_collection": "TESS", "dataproduct_type": "timeseries", "sequence_number": 2}
+    responses = obs.query_criteria_async(**criteria)
+    assert responses[0].json() is responses[0].json()  # parsed once, shared
+    assert responses[0].json(parse_float=str) is not responses[0].json()  # odd arguments: fresh
+    ours = obs._portal_api_connection._parse_result(responses)
+    theirs = Observations.query_criteria(**criteria)
+    assert len(ours) > 0 and ours.pformat_all() == theirs.pformat_all()
+
+    saved = astroquery_log.level
+    try:
+        astroquery_log.setLevel(logging.DEBUG)
+        debugging = _new_observations(timeout=30)
+        assert debugging._response_hook in debugging._session.hooks["response"]
+    finally:
+        astroquery_log.setLevel(saved)
 
 
 def test_json_fast_path_types_nulls_like_astroquery() -> None:

@@ -28,6 +28,17 @@ def test_download_url_matches_astroquery_escaping() -> None:
         point_astroquery_at(saved.rsplit("/api/", 1)[0])
 
 
+def test_download_url_escapes_every_character_as_quote_does() -> None:
+    """The no-escaping shortcut must agree with ``quote`` on every character, not just TESS's."""
+    from urllib.parse import quote
+
+    base = "http://h/api/v0.1/Download/file?uri="
+    for code in list(range(0x20, 0x7F)) + [0x0A, 0xE9, 0x2603, 0x1F600]:
+        uri = f"mast:TESS/product/x{chr(code)}y.fits"
+        assert download_url("http://h", uri) == base + quote(uri, safe=":/"), repr(chr(code))
+    assert download_url("http://h", "") == base
+
+
 def test_point_astroquery_at_redirects_the_live_singleton() -> None:
     try:
         point_astroquery_at("http://127.0.0.1:1234")

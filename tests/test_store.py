@@ -19,6 +19,7 @@ import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -340,6 +341,39 @@ def test_finish_fail_release_reset_transitions(tmp_path: Path) -> None:
                 "verify: checksum mismatch",
             )
         assert store.get_record(uris[4]).status == ACTIVE  # type: ignore[union-attr]
+
+
+def test_drop_unfinished_removes_only_rows_not_downloaded(tmp_path: Path) -> None:
+    rows = make_rows(5)
+    uris = [r.uri for r in rows]
+    with open_store(tmp_path) as store:
+        store.add_products(rows)
+        store.claim(3)  # uris 0..2 active
+        store.finish(uris[0], 10, "a" * 64)
+        store.fail(uris[1], "HTTP 404 Not Found", retry=False, http_status=404)
+        # done stays, error goes, active (a running download) stays, pending goes
+        assert store.drop_unfinished([uris[0], uris[1], uris[2], uris[3], "mast:unknown"]) == 2
+        assert store.get_record(uris[0]).status == DONE  # type: ignore[union-attr]
+        assert store.get_record(uris[1]) is None
+        assert store.get_record(uris[2]).status == ACTIVE  # type: ignore[union-attr]
+        assert store.get_record(uris[3]) is None
+        assert store.total()[0] == 3
+        # committed: an independent connection sees the rows gone
+        assert other_connection_row(tmp_path, uris[3]) is None
+        # the same rows can be planned again later
+        assert store.add_products([rows[3]]) == 1
+
+
+def test_iter_records_filters_by_kind(tmp_path: Path) -> None:
+    rows = [replace(r, kind=("LC", "DVT", "DVR")[i % 3]) for i, r in enumerate(make_rows(30))]
+    with open_store(tmp_path) as store:
+        store.add_products(rows)
+        store.claim(4)
+        dv = [r.uri for r in store.iter_records(kinds={"DVT", "DVR"}, batch=4)]
+        assert dv == [r.uri for r in rows if r.kind != "LC"]  # insertion order, every batch
+        active_dvr = list(store.iter_records(status=ACTIVE, kinds=["DVR"]))
+        assert [r.uri for r in active_dvr] == [rows[2].uri]
+        assert list(store.iter_records(kinds=[])) == []
 
 
 def test_reports_count_what_happened(tmp_path: Path) -> None:
