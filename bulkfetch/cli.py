@@ -22,7 +22,7 @@ from typing import Any
 from . import __version__
 from .errors import BulkfetchError, UsageError
 from .progress import is_terminal
-from .sources import DEFAULT_MAST_URL
+from .sources import BATCH_SIZE, DEFAULT_MAST_URL, MAX_BATCH_SIZE, PLAN_WORKERS
 
 log = logging.getLogger("bulkfetch")
 
@@ -192,6 +192,12 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
         help="also write the planned products to FILE (ECSV for .ecsv, else CSV) (default: none)",
     )
     g.add_argument(
+        "--rediscover",
+        action="store_true",
+        help="ask the archive which sectors exist even if this job learnt it in the last 24 h "
+        "(only without --sectors; default: off)",
+    )
+    g.add_argument(
         "--dry-run",
         action="store_true",
         help="query and report files and bytes per sector, but plan nothing (default: off)",
@@ -199,16 +205,16 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--plan-workers",
         type=_positive_int,
-        default=4,
+        default=PLAN_WORKERS,
         metavar="N",
-        help="concurrent astroquery calls while planning (default: 4)",
+        help=f"concurrent astroquery calls while planning (default: {PLAN_WORKERS})",
     )
     g.add_argument(
         "--batch-size",
         type=_positive_int,
-        default=300,
+        default=BATCH_SIZE,
         metavar="N",
-        help="obsids per get_product_list call (default: 300)",
+        help=f"obsids per get_product_list call, at most {MAX_BATCH_SIZE} (default: {BATCH_SIZE})",
     )
     g.add_argument(
         "--query-retries",
@@ -696,6 +702,8 @@ def _do_plan(args: argparse.Namespace, job: Any) -> int:
         "batch_size": args.batch_size,
         "retries": args.query_retries,
     }
+    if args.rediscover:
+        options["discovery_max_age"] = 0.0
     if args.from_table:
         table = _checked_table(args.from_table, job, flat=args.flat)
         summary = job.plan(table=table, flat=args.flat, dry_run=args.dry_run)

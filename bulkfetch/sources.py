@@ -15,6 +15,19 @@ DEFAULT_MAST_URL = "https://mast.stsci.edu"
 #: Path of MAST's single-file download endpoint, relative to the server.
 DOWNLOAD_PATH = "/api/v0.1/Download/file"
 
+# How hard the planner queries the archive (here, not in plan.py, so that the CLI can show
+# them in --help without importing astroquery and astropy).
+#: Largest batch of obsids one ``get_product_list`` call may carry.
+MAX_BATCH_SIZE = 1000
+#: Default obsids per ``get_product_list`` call: a few hundred keeps each request and answer
+#: small (a ~1 MB page that the archive builds in well under a second, retried cheaply),
+#: while a 20,000-target sector still needs only 40 calls.
+BATCH_SIZE = 500
+#: Default number of astroquery calls in flight. Each call waits ~0.5 s or more on the
+#: archive, so the plan's speed is calls in flight / latency: 16 threads plan 20 sectors of
+#: 1,000 targets 6x faster than one at a time; fewer are gentler on a busy archive.
+PLAN_WORKERS = 16
+
 #: Characters ``quote(uri, safe=":/")`` leaves alone: its always-safe set plus ``:`` and ``/``.
 _UNQUOTED = re.compile(r"[A-Za-z0-9_.~:/-]*")
 

@@ -41,6 +41,8 @@ from _benchlib import (  # noqa: E402  (the line above makes the sibling module 
     run_client,
 )
 
+from bulkfetch.sources import BATCH_SIZE, PLAN_WORKERS  # noqa: E402
+
 log = logging.getLogger("bulkfetch.bench")
 
 
@@ -258,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sectors", type=int, default=20, help="speed: sectors to plan")
     parser.add_argument("--targets", type=int, default=200, help="speed: targets per sector")
     parser.add_argument("--latency", type=float, default=0.5, help="speed: seconds per query")
-    parser.add_argument("--workers", type=int, default=8, help="bulkfetch query threads")
-    parser.add_argument("--batch-size", type=int, default=300, help="obsids per product query")
+    parser.add_argument("--workers", type=int, default=PLAN_WORKERS, help="bulkfetch query threads")
+    parser.add_argument(
+        "--batch-size", type=int, default=BATCH_SIZE, help="obsids per product query"
+    )
     parser.add_argument("--scale-sectors", type=int, default=100)
     parser.add_argument("--scale-targets", type=int, default=20_000)
     parser.add_argument(

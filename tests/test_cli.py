@@ -327,6 +327,23 @@ def test_interrupted_plan_exits_at_once_and_rerun_completes(
         assert status["total_files"] > 0
 
 
+def test_plan_remembers_discovered_sectors_unless_rediscover(tmp_path: Path) -> None:
+    d = str(tmp_path / "job")
+    with simulator() as url:
+
+        def queries() -> int:
+            return sim_get(url, "/_sim/stats")["query_requests"]
+
+        assert bulkfetch("plan", d, "--mast-url", url).returncode == 0
+        before = queries()
+        again = bulkfetch("plan", d, "--mast-url", url)
+        assert again.returncode == 0 and queries() == before  # sectors known, all planned
+        fresh = bulkfetch("plan", d, "--mast-url", url, "--rediscover")
+        assert fresh.returncode == 0, fresh.stderr
+        assert queries() > before  # the archive was asked which sectors exist
+        assert "new in the job: 0 file(s)" in fresh.stdout
+
+
 def test_verify_finds_damage_and_fetch_repairs_it(tmp_path: Path) -> None:
     d = str(tmp_path / "job")
     with simulator() as url:

@@ -192,6 +192,27 @@ def test_add_products_is_idempotent_and_keeps_every_field(tmp_path: Path) -> Non
         assert (got.status, got.attempts, got.bytes_done, got.sha256) == (PENDING, 0, 0, None)
 
 
+def test_extra_values_read_back_as_written(tmp_path: Path) -> None:
+    """Whichever encoder stores ``extra`` (orjson, or json for what orjson would change)."""
+    import math
+
+    import numpy as np
+
+    odd = [
+        {"text": 'é☃ \\ "q"', "none": None, "int": -(2**63), "float": 0.1, "bool": True},
+        {"nan": float("nan"), "inf": float("inf"), "ninf": float("-inf")},
+        {"huge": 2**70, "list": [1, "a", None]},
+        {"numpy": np.int64(7), "np_str": np.str_("s")},  # numpy ints are stored as text
+    ]
+    rows = [replace(r, extra=e) for r, e in zip(make_rows(len(odd)), odd, strict=True)]
+    with open_store(tmp_path) as store:
+        store.add_products(rows)
+        got = [r.extra for r in store.iter_records()]
+    assert got[0] == odd[0] and got[2] == odd[2]
+    assert math.isnan(got[1]["nan"]) and got[1]["inf"] == math.inf == -got[1]["ninf"]
+    assert got[3] == {"numpy": "7", "np_str": "s"}
+
+
 def test_add_products_does_not_touch_existing_rows(tmp_path: Path) -> None:
     rows = make_rows(3)
     with open_store(tmp_path) as store:
