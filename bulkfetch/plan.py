@@ -45,6 +45,7 @@ import shutil
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -139,6 +140,15 @@ TARGETS_PER_QUERY = 500
 #: so four big sectors' queries overlap and every small sector's does; peak memory stays flat
 #: whatever the number or size of sectors.
 OBS_ROWS_IN_FLIGHT = 20_000
+#: Observations of the sectors started and not yet written, at most (the sectors' obsids,
+#: queued batches and collected rows are what a plan holds in memory): three sectors of
+#: 20,000 targets, or as many small sectors as keep every thread busy.
+SECTOR_ROWS_STARTED = 40_000
+#: Product rows that may be in flight (answered and being parsed) at once. A batch of 500
+#: light-curve targets answers ~1,500 rows, so 16 such batches fit; a batch of multi-sector DV
+#: runs answers several times more (a mission's last sector holds ~200,000 of them), and then
+#: fewer batches run at once, so peak memory does not depend on what a sector holds.
+PRODUCT_ROWS_IN_FLIGHT = 24_000
 #: Rows per page of an observation query (MAST's default page is 50,000). Pages are fetched
 #: one call each and reduced to obsids at once, so this caps the memory of a big answer, for
 #: a few extra round trips per big sector.
@@ -413,17 +423,23 @@ def _remember_json(response: Any, *args: Any, **kwargs: Any) -> None:
     it refuses (NaN literals, integers beyond 64 bits, text that is not UTF-8) goes to requests'
     own parser, so the answer is always what astroquery alone would have seen.
     """
-    parse = response.json
+    # Only a weak reference back: a closure holding the response would make a reference cycle,
+    # which only the cyclic garbage collector frees. Every answer (megabytes, and its parsed
+    # document) then outlived its use until a rare full collection: peak RSS reached 1 GB.
+    ref = weakref.ref(response)
     memo: list[Any] = []
 
     def json(**kwargs: Any) -> Any:
+        resp = ref()
+        assert resp is not None  # json() is called on the response, so it is alive
+        parse = type(resp).json
         if kwargs:  # unusual arguments: parse as asked, do not remember
-            return parse(**kwargs)
+            return parse(resp, **kwargs)
         if not memo:
             try:
-                memo.append(orjson.loads(response.content))
+                memo.append(orjson.loads(resp.content))
             except orjson.JSONDecodeError:
-                memo.append(parse())
+                memo.append(parse(resp))
         return memo[0]
 
     response.json = json
@@ -1341,6 +1357,7 @@ class _Batch:
 
     rows: list[PlannedProduct]
     refusals: _Refusals
+    received: int = 0  # product rows in the archive's answer, wanted or not
 
 
 def _product_batch(
@@ -1366,7 +1383,7 @@ def _product_batch(
             server=server, flat=selection.flat, refusals=refusals, sector=sector,
         )  # fmt: skip
         if rows is not None:
-            return _Batch(rows, refusals)
+            return _Batch(rows, refusals, sum(len(r["data"]) for r in results))
         refusals = _Refusals()
         obs = aq.obs
         portal = obs._portal_api_connection
@@ -1375,7 +1392,8 @@ def _product_batch(
     else:
         products = aq.product_list(what, obsids)
         obs = aq.obs
-    if len(products) == 0:
+    received = len(products)
+    if received == 0:
         return _Batch([], refusals)
     try:
         products = obs.filter_products(products, productSubGroupDescription=subgroups)
@@ -1390,7 +1408,7 @@ def _product_batch(
     rows = rows_from_table(
         products, server=server, flat=selection.flat, refusals=refusals, sector=sector
     )
-    return _Batch(rows, refusals)
+    return _Batch(rows, refusals, received)
 
 
 def plan(
@@ -1504,26 +1522,50 @@ def _unit_totals(store: JobStore, unit: str) -> tuple[int, int]:
     return 0, 0
 
 
-def _release_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
-
-    Worker threads parse big answers in their own malloc arenas; freed, that memory stays in
-    the arenas and the process's RSS creeps up sector after sector although Python holds no
-    more objects. ``malloc_trim`` returns it, so memory stays flat over a 100-sector plan.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
+def _glibc() -> Any:
+    """The C library when it is glibc (its malloc tuning calls exist), else None."""
+    global _libc
+    if _libc is None:
         try:
             import ctypes
 
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+            lib = ctypes.CDLL("libc.so.6")
+            _libc = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+        except OSError:
+            _libc = False
+    return _libc or None
 
 
-_malloc_trim: Any = None
+_libc: Any = None
+#: glibc's mallopt parameter: allocations of at least this many bytes get their own mapping.
+_M_MMAP_THRESHOLD = -3
+
+
+def _tame_malloc() -> None:
+    """Keep big allocations out of glibc's heaps, so freed answers return to the OS at once.
+
+    A product answer is a megabyte of bytes plus its parsed lists; glibc raises its mmap
+    threshold after the first such block is freed, so later ones land in the per-thread
+    arenas, where freed space fragments and the process's peak RSS crept up with every
+    sector (430 MiB after 5 sectors, 1 GiB after 100). A fixed 256 KiB threshold (which also
+    stops the raising) keeps every big block in a mapping of its own. glibc only; a no-op
+    elsewhere.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+
+
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
+
+    Worker threads parse answers in their own malloc arenas; freed, that memory stays in the
+    arenas, so RSS would creep up sector after sector although Python holds no more objects.
+    ``malloc_trim`` returns it after every sector written.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class _DaemonPool:
@@ -1589,6 +1631,16 @@ def _obs_limit(sector_rows: int, workers: int) -> int:
     return max(1, min(workers, OBS_ROWS_IN_FLIGHT // per_query))
 
 
+def _batch_limit(answer_rows: float, workers: int) -> int:
+    """Product batches allowed in flight when answers hold ``answer_rows`` rows on average."""
+    return max(1, min(workers, int(PRODUCT_ROWS_IN_FLIGHT // max(1.0, answer_rows))))
+
+
+def _window(sector_rows: int, workers: int) -> int:
+    """Sectors that may be started and unwritten at once when one holds ``sector_rows``."""
+    return max(2, min(2 * workers, SECTOR_ROWS_STARTED // max(1, sector_rows)))
+
+
 def _run_sectors(
     store: JobStore | None,
     selection: Selection,
@@ -1611,19 +1663,25 @@ def _run_sectors(
     allows (see :data:`OBS_ROWS_IN_FLIGHT`), else a product batch of the earliest sector. Each
     observation answer unlocks a sector's batches, so asking them first keeps every thread busy
     and leaves no sector's two round trips (observations, then products) for the very end;
-    batches in sector order finish one sector (and write its rows) before the next. At most
-    ``2 * workers`` sectors are started and unwritten at once, which bounds memory whatever the
-    number of sectors. With ``latest_dv_only`` sectors are committed strictly in ``todo``
-    order (newest first, see :class:`LatestDV`); otherwise each as soon as it is complete.
+    batches in sector order finish one sector (and write its rows) before the next. Sectors
+    started and unwritten hold at most about :data:`SECTOR_ROWS_STARTED` observations (and never
+    more than ``2 * workers`` sectors), which bounds memory whatever the number of sectors.
+    With ``latest_dv_only`` sectors are committed strictly in ``todo`` order (newest first,
+    see :class:`LatestDV`); otherwise each as soon as it is complete.
     Returns the bytes of the products planned (for a dry run's space estimate).
     """
     from tqdm import tqdm
 
-    window = 2 * workers
+    _tame_malloc()
     ordered = selection.latest_dv_only
-    # Observation queries in flight: as many pages as OBS_ROWS_IN_FLIGHT allows, until the
-    # first answer shows that sectors are smaller than a page.
+    # Sectors started, and observation queries in flight: few, as if sectors were big, until
+    # the first answer shows how big they are (see SECTOR_ROWS_STARTED, OBS_ROWS_IN_FLIGHT).
+    window = _window(SECTOR_ROWS_STARTED // 4, workers)
     obs_limit, obs_inflight = _obs_limit(OBS_PAGESIZE, workers), 0
+    # Product batches in flight: as many as PRODUCT_ROWS_IN_FLIGHT allows for answers the
+    # size of recent ones (a running average, first guessed at three products per obsid).
+    answer_rows = 3.0 * batch_size
+    batch_limit, batch_inflight = workers, 0
     pending = list(reversed(todo))
     # Tasks waiting for a thread, one heap per stage, each in sector order.
     Task = tuple[tuple[int, int], int, Callable[[], Any], _SectorJob, str, int]
@@ -1652,7 +1710,7 @@ def _run_sectors(
         """Observation queries first (each unlocks a sector's batches), within their cap."""
         if ready["obs"] and obs_inflight < obs_limit:
             return heapq.heappop(ready["obs"])
-        if ready["batch"]:
+        if ready["batch"] and batch_inflight < batch_limit:
             return heapq.heappop(ready["batch"])
         return None
 
@@ -1760,7 +1818,6 @@ def _run_sectors(
         )
         obs_warm.result()
         while pending or jobs:
-            # big sectors: only the next one waits in line (its obsids cost memory)
             while pending and len(jobs) < window:
                 start_next()
             while len(inflight) < workers and (task := next_task()) is not None:
@@ -1770,6 +1827,7 @@ def _run_sectors(
                     product_warm = None
                 inflight[pool.submit(fn)] = (job, stage, index)
                 obs_inflight += stage == "obs"
+                batch_inflight += stage == "batch"
             if not inflight:  # pragma: no cover - would be a scheduling bug
                 raise RuntimeError(f"planner lost track of sectors {sorted(jobs)}")
             done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
@@ -1780,11 +1838,15 @@ def _run_sectors(
                     obs_inflight -= 1
                     # the next sectors are probably as big as this one
                     obs_limit = _obs_limit(len(result), workers)
+                    window = _window(len(result), workers)
                     job.obsids[index] = result
                     job.obs_left -= 1
                     if job.obs_left == 0:
                         obs_done(job)
                 else:
+                    batch_inflight -= 1
+                    answer_rows = 0.8 * answer_rows + 0.2 * result.received
+                    batch_limit = _batch_limit(answer_rows, workers)
                     job.batches[index] = result
                     job.batch_left -= 1
                     if job.batch_left == 0:

@@ -793,6 +793,18 @@ def test_planner_sessions_parse_each_answer_once_and_skip_the_debug_hook(astroqu
     ours = obs._portal_api_connection._parse_result(responses)
     theirs = Observations.query_criteria(**criteria)
     assert len(ours) > 0 and ours.pformat_all() == theirs.pformat_all()
+    # freed as soon as the last reference goes, not at the next full garbage collection:
+    # an answer is megabytes, and a plan makes thousands of them
+    import gc
+    import weakref
+
+    gone = weakref.ref(responses[0])
+    gc.disable()
+    try:
+        del responses, ours
+        assert gone() is None, "a reference cycle keeps the answer alive"
+    finally:
+        gc.enable()
 
     saved = astroquery_log.level
     try:
