@@ -140,10 +140,12 @@ TARGETS_PER_QUERY = 500
 #: so four big sectors' queries overlap and every small sector's does; peak memory stays flat
 #: whatever the number or size of sectors.
 OBS_ROWS_IN_FLIGHT = 20_000
-#: Observations of the sectors started and not yet written, at most (the sectors' obsids,
-#: queued batches and collected rows are what a plan holds in memory): three sectors of
-#: 20,000 targets, or as many small sectors as keep every thread busy.
-SECTOR_ROWS_STARTED = 40_000
+#: Observations of the sectors started and not yet written, at most (their obsids and queued
+#: batches stay in memory; rows are collected only for the one or two sectors whose batches
+#: run, in sector order): five sectors of 20,000 targets, so that the next sectors' page-by-page
+#: observation queries are answered before the threads run out of batches (with two, the
+#: 20-sector plan took 71 s instead of 63 s), or as many small sectors as keep threads busy.
+SECTOR_ROWS_STARTED = 100_000
 #: Product rows that may be in flight (answered and being parsed) at once. A batch of 500
 #: light-curve targets answers ~1,500 rows, so 16 such batches fit; a batch of multi-sector DV
 #: runs answers several times more (a mission's last sector holds ~200,000 of them), and then
@@ -1546,10 +1548,9 @@ def _tame_malloc() -> None:
 
     A product answer is a megabyte of bytes plus its parsed lists; glibc raises its mmap
     threshold after the first such block is freed, so later ones land in the per-thread
-    arenas, where freed space fragments and the process's peak RSS crept up with every
-    sector (430 MiB after 5 sectors, 1 GiB after 100). A fixed 256 KiB threshold (which also
-    stops the raising) keeps every big block in a mapping of its own. glibc only; a no-op
-    elsewhere.
+    arenas, where freed space fragments. A fixed 256 KiB threshold (which also stops the
+    raising) keeps every big block in a mapping of its own: planning 40 full-size sectors
+    peaked at 247 MiB with it, 343 MiB without. glibc only; a no-op elsewhere.
     """
     libc = _glibc()
     if libc is not None:
