@@ -288,7 +288,7 @@ class Job:
         the same selection again after an interrupt only adds what was missing. Returns the
         planner's :class:`~bulkfetch.plan.PlanSummary` (``.format()`` for humans).
         ``plan_options`` go to :func:`bulkfetch.plan.plan` (``workers``, ``batch_size``,
-        ``retries``).
+        ``retries``, ``discovery_max_age``: 0 asks the archive again which sectors exist).
         """
         from . import plan as planner
 

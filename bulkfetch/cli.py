@@ -70,6 +70,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch_size(text: str) -> int:
+    """``--batch-size``: refused here, before a job directory is touched, when out of range."""
+    value = _positive_int(text)
+    if value > MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH_SIZE}, got {value}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -211,7 +219,7 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=_batch_size,
         default=BATCH_SIZE,
         metavar="N",
         help=f"obsids per get_product_list call, at most {MAX_BATCH_SIZE} (default: {BATCH_SIZE})",

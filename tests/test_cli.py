@@ -128,6 +128,7 @@ USAGE_ERRORS = [
     ["tess", "d", "--products", "movies"],
     ["fetch", "d", "--max-rate", "fast"],
     ["fetch", "d", "--concurrency", "0"],
+    ["plan", "d", "--batch-size", "5000"],  # more obsids per call than MAST should get
     ["plan", "d", "--sim-scale", "0.1"],  # needs --simulate
     ["plan", "d", "--simulate", "--mast-url", "http://127.0.0.1:9"],
     ["tess", "d", "--from-table", "t.ecsv", "--sectors", "1"],
