@@ -15,7 +15,7 @@ DEFAULT_MAST_URL = "https://mast.stsci.edu"
 #: Path of MAST's single-file download endpoint, relative to the server.
 DOWNLOAD_PATH = "/api/v0.1/Download/file"
 
-# How hard the planner queries the archive (here, not in plan.py, so that the CLI can show
+# How hard the planner queries the archive (here, not in bulkfetch.plan, so the CLI can show
 # them in --help without importing astroquery and astropy).
 #: Largest batch of obsids one ``get_product_list`` call may carry.
 MAX_BATCH_SIZE = 1000

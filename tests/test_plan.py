@@ -730,7 +730,8 @@ def _table_path_rows(results: list[dict], col_config: dict | None, subgroups: li
     from astroquery.mast import Observations
     from astroquery.mast.discovery_portal import _json_to_table
 
-    from bulkfetch.plan import _Refusals, rows_from_table
+    from bulkfetch.plan import rows_from_table
+    from bulkfetch.plan.rows import _Refusals
 
     table = vstack([_json_to_table(r, col_config) for r in results])
     table = Observations.filter_products(table, productSubGroupDescription=subgroups)
@@ -738,7 +739,7 @@ def _table_path_rows(results: list[dict], col_config: dict | None, subgroups: li
 
 
 def _fast_path_rows(results: list[dict], col_config: dict | None, subgroups: list[str]) -> list:
-    from bulkfetch.plan import _Refusals, _rows_from_json
+    from bulkfetch.plan.rows import _Refusals, _rows_from_json
 
     rows = _rows_from_json(
         results, col_config, subgroups, server=SERVER, flat=False, refusals=_Refusals(), sector=3
@@ -751,7 +752,7 @@ def test_json_fast_path_equals_astroquery_tables_on_archive_answers(astroquery_m
     """Every field, extras included, of real get_product_list answers (several pages)."""
     from astroquery.mast import Observations
 
-    from bulkfetch.plan import _json_pages
+    from bulkfetch.plan.rows import _json_pages
 
     astroquery_mast(dv_fraction=0.3, fast_fraction=0.3)
     obs = Observations.query_criteria(
@@ -781,7 +782,7 @@ def test_planner_sessions_parse_each_answer_once_and_skip_the_debug_hook(astroqu
     from astroquery import log as astroquery_log
     from astroquery.mast import Observations
 
-    from bulkfetch.plan import _new_observations
+    from bulkfetch.plan.archive import _new_observations
 
     astroquery_mast()
     obs = _new_observations(timeout=30)
