@@ -897,16 +897,18 @@ class SQLiteStore:
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
         batch = max(1, int(batch))
-        where, fixed = ["id > ?"], []
-        if status is not None:
-            where.insert(0, "status = ?")
-            fixed.append(status)
+        where: list[str] = []
+        fixed: list[Any] = []
         if kinds is not None:
             wanted = sorted(set(kinds))
             if not wanted:
                 return
-            where.insert(0, f"kind IN ({', '.join('?' * len(wanted))})")
-            fixed[:0] = wanted
+            where.append(f"kind IN ({', '.join('?' * len(wanted))})")
+            fixed += wanted
+        if status is not None:
+            where.append("status = ?")
+            fixed.append(status)
+        where.append("id > ?")
         sql = (
             f"SELECT {_RECORD_COLUMNS} FROM products WHERE {' AND '.join(where)} "
             "ORDER BY id LIMIT ?"
